@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Both build the venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ORCH   := $(VENV)/bin/orch
+# torch 2.13.0 lies on this machine's disk as a CPU wheel; installing it first means the
+# project's torch range is already met and pip never pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(ORCH) plan --mode official
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) orch-runs .pytest_cache

@@ -1,0 +1,1 @@
+"""The data plane: runs inside Ray workers. Imports torch and numpy only."""
