@@ -94,7 +94,8 @@ def resolve_coefficients(alpha, beta, gamma) -> tuple[scaling.Coefficients, bool
 def stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, width=200)
 
 
 def stdout_console():
@@ -187,6 +188,410 @@ def plan(mode, alpha, beta, gamma, phis, baseline, base_resolution, num_classes,
     with stderr_console().status(f"measuring {len(entries)} networks on the meta device…"):
         rows = measure_entries(entries, base_resolution=base_resolution, num_classes=num_classes)
     stdout_console().print(render_table(rows, title))
+
+
+# --------------------------------------------------------------------------- shared state options
+
+ID_RE = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+
+def _check_id(ctx, param, value):
+    import re
+
+    if value is None:
+        return None
+    if not re.match(ID_RE, value):
+        shown = value if len(value) <= 60 else value[:60] + "…"
+        raise click.BadParameter(
+            f"{shown!r} is not an id; ids are letters, digits and . _ : - (see `orch runs list`)"
+        )
+    return value
+
+
+home_option = click.option(
+    "--home", envvar="ORCH_HOME", default=None, metavar="DIR",
+    help="State folder for the embedded defaults (results store, MLflow store, Ray storage). "
+    "Env ORCH_HOME; default ./orch-runs.",
+)
+db_url_option = click.option(
+    "--db-url", envvar="ORCH_DB_URL", default=None, metavar="URL",
+    help="Results store (any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db). "
+    "Env ORCH_DB_URL; default sqlite:///<home>/orch.db.",
+)
+tracking_option = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, metavar="URI",
+    help="MLflow tracking store or server. Env MLFLOW_TRACKING_URI; default sqlite:///<home>/mlflow.db.",
+)
+experiment_option = click.option(
+    "--experiment", default="compound-scaling", show_default=True, help="MLflow experiment name."
+)
+address_option = click.option(
+    "--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR",
+    help="Ray cluster to use ('auto', host:port, ray://host:10001). Env RAY_ADDRESS; "
+    "default: start a local Ray instance on 127.0.0.1.",
+)
+
+
+def open_store(home, db_url):
+    """The results store, or a click error that says what to do."""
+    from orchestrator import home as home_mod
+    from orchestrator.store import SchemaOutOfDate, StoreError, ResultsStore
+
+    h = home_mod.home_dir(home)
+    if not db_url:
+        try:
+            home_mod.ensure_writable(h)
+        except PermissionError as e:
+            raise click.ClickException(str(e))
+    try:
+        return ResultsStore(db_url or home_mod.default_db_url(h))
+    except SchemaOutOfDate as e:
+        raise click.ClickException(str(e))
+    except StoreError as e:
+        raise click.BadParameter(str(e), param_hint="--db-url")
+
+
+def open_tracker(home, tracking_uri, experiment):
+    from orchestrator import home as home_mod
+    from orchestrator.tracking import Tracker, TrackingError
+
+    h = home_mod.home_dir(home)
+    try:
+        return Tracker(tracking_uri or home_mod.default_tracking_uri(h), experiment, home_mod.artifact_root(h))
+    except TrackingError as e:
+        raise click.BadParameter(str(e), param_hint="--tracking-uri")
+
+
+def _dataset(ctx, param, value):
+    from workers.data import DatasetError, parse_spec, scan_imagefolder
+
+    try:
+        kind, path = parse_spec(value)
+        if kind == "imagefolder":
+            scan_imagefolder(path)
+    except DatasetError as e:
+        raise click.BadParameter(str(e))
+    return value
+
+
+# --------------------------------------------------------------------------- orch search
+
+
+class SearchProgress:
+    """Live view of a search on stderr: trials running/finished and the best so far. Without
+    a terminal (CI, pipes) it prints one line per trial event instead."""
+
+    def __init__(self, total: int | None, epochs: int):
+        self.console = stderr_console()
+        self.total, self.epochs = total, epochs
+        self.live = None
+        self._seen: dict[str, tuple] = {}
+        self._lock = __import__("threading").Lock()
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def update(self, state: dict) -> None:
+        with self._lock:
+            trials = state["trials"]
+            if self.live is not None:
+                self.live.update(self._render(trials))
+                return
+            for t in trials:
+                sig = (t.status, t.epochs_done)
+                if self._seen.get(t.trial_id) == sig:
+                    continue
+                self._seen[t.trial_id] = sig
+                top1 = t.last("val_top1")
+                acc = f" val_top1={top1:.3f}" if top1 is not None else ""
+                reuse = f" (reused {t.reused_from})" if t.reused_from else ""
+                self.console.print(
+                    f"trial {t.trial_id} α={t.alpha:.3f} β={t.beta:.3f} γ={t.gamma:.3f} res={t.resolution} "
+                    f"epoch {t.epochs_done}/{self.epochs}{acc} {t.status}{reuse}", highlight=False)
+
+    def _render(self, trials):
+        from rich.table import Table
+
+        done = [t for t in trials if t.status != "running"]
+        running = [t for t in trials if t.status == "running"]
+        scored = [t for t in trials if t.last("val_top1") is not None]
+        best = max(scored, key=lambda t: t.last("val_top1"), default=None)
+        title = (f"{len(running)} running, {len(done)} ended" + (f" of {self.total}" if self.total else "")
+                 + (f"; best so far {best.trial_id} val_top1={best.last('val_top1'):.3f}" if best else ""))
+        table = Table(title=title, title_justify="left")
+        for c in ("trial", "α", "β", "γ", "res", "GMACs", "×B0", "epoch", "val_top1", "status"):
+            table.add_column(c)
+        for t in trials[-14:]:
+            top1 = t.last("val_top1")
+            table.add_row(t.trial_id, f"{t.alpha:.3f}", f"{t.beta:.3f}", f"{t.gamma:.3f}", str(t.resolution),
+                          f"{t.gmacs:.3f}", f"{t.flops_ratio:.2f}", f"{t.epochs_done}/{self.epochs}",
+                          f"{top1:.3f}" if top1 is not None else "-",
+                          t.status + (" (reused)" if t.reused_from else ""))
+        return table
+
+
+@main.command()
+@click.option("--space", "space_kind", type=click.Choice(["surface", "band", "grid"]), default="surface",
+              show_default=True, help="surface: α·β²·γ² = 2 exactly; band: within --tolerance of 2; "
+              "grid: the paper's grid over feasible points, one trial per distinct network.")
+@click.option("--trials", type=click.IntRange(min=1, max=100_000), default=None,
+              help="Candidates to train. Default 16 (grid: every distinct network on the grid).")
+@click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=3, show_default=True,
+              help="Maximum epochs per trial (ASHA stops weak trials earlier).")
+@click.option("--grace-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Minimum epochs before ASHA may stop a trial.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds Optuna's TPE, the data and the models.")
+@click.option("--tolerance", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.1, show_default=True,
+              help="band/grid: accept |α·β²·γ² − 2| up to this.")
+@click.option("--flops-tolerance", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.25,
+              show_default=True, help="The winner's measured FLOPs ratio to B0 must be within this fraction of 2.")
+@click.option("--grid-step", type=click.FloatRange(min=0.005, max=0.5), default=0.05, show_default=True,
+              help="grid: step of the coefficient grid.")
+@click.option("--no-paper-point", is_flag=True, help="Do not evaluate the paper's (1.2, 1.1, 1.15) first.")
+@click.option("--dataset", default="synthetic", show_default=True, callback=_dataset,
+              help="'synthetic' (generated, no download) or 'imagefolder:PATH' (PATH/train/<class>/…, PATH/val/<class>/…).")
+@click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
+              help="B0's input size for the task. Default 224; 32 for the synthetic task (its images are 64px).")
+@click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=64, show_default=True,
+              help="Training batch size per trial.")
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True, max=10.0), default=0.03, show_default=True,
+              help="Peak SGD learning rate (warm-up, then cosine).")
+@click.option("--gpus", type=click.FloatRange(min=0.0), default=None,
+              help="GPU budget of the search. Default: every GPU the cluster has; 0 runs on CPU.")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="GPUs per trial, fractions allowed (0.5 packs two trials per GPU). Default 1 with GPUs.")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="CPUs per trial; with no GPU, concurrency is the cluster's CPUs divided by this.")
+@click.option("--max-failures", type=click.IntRange(min=0, max=100), default=2, show_default=True,
+              help="Retries of a trial whose worker died, from its last checkpoint.")
+@click.option("--name", default=None, help="A label for the search. Default: generated.")
+@click.option("--synthetic-size", type=(click.IntRange(min=64), click.IntRange(min=32)), default=None,
+              metavar="TRAIN VAL", help="Images in the synthetic task's train and val splits (default 1536 512).")
+@experiment_option
+@home_option
+@db_url_option
+@tracking_option
+@address_option
+@json_option
+def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tolerance, grid_step, no_paper_point,
+           dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial, cpus_per_trial, max_failures, name,
+           synthetic_size, experiment, home, db_url, tracking_uri, address, as_json):
+    """Search φ=1 coefficients (α, β, γ) with α·β²·γ² ≈ 2 as Ray Tune trials.
+
+    Optuna (TPE, seeded) proposes candidates, ASHA stops weak ones early, every trial is logged
+    to MLflow (a parent run, one child per trial) and to the results store.
+
+    \b
+    orch search                                  # local Ray, CPU, synthetic data
+    orch search --gpus 8 --dataset imagefolder:/data/pets --epochs 10
+    orch search --space grid --tolerance 0.1 --grid-step 0.1
+    """
+    from orchestrator import cluster as cluster_mod
+    from orchestrator import home as home_mod
+    from orchestrator.errors import SearchFailed
+    from orchestrator.search import SearchOptions, new_search_id, run_search
+    from workers.data import num_classes_of
+
+    if grace_epochs > epochs:
+        raise click.BadParameter(f"{grace_epochs} is above --epochs {epochs}; use at most {epochs}",
+                                 param_hint="--grace-epochs")
+    if gpus is not None and gpus_per_trial is not None and gpus_per_trial > gpus:
+        raise click.BadParameter(f"{gpus_per_trial:g} is above the --gpus budget {gpus:g}; lower it or raise --gpus",
+                                 param_hint="--gpus-per-trial")
+    if gpus == 0 and gpus_per_trial:
+        raise click.BadParameter("needs a GPU budget; drop it or set --gpus above 0", param_hint="--gpus-per-trial")
+    if synthetic_size and dataset != "synthetic":
+        raise click.BadParameter("only applies to --dataset synthetic", param_hint="--synthetic-size")
+    if base_resolution is None:
+        base_resolution = 32 if dataset == "synthetic" else scaling.B0_RESOLUTION
+    search_id = new_search_id()
+    opts = SearchOptions(
+        name=name or search_id, space=space_kind, trials=trials, epochs=epochs, grace_epochs=grace_epochs, seed=seed,
+        tolerance=tolerance, flops_tolerance=flops_tolerance, grid_step=grid_step, paper_point=not no_paper_point,
+        dataset=dataset, base_resolution=base_resolution, num_classes=num_classes_of(dataset),
+        batch_size=batch_size, lr=lr, gpus=gpus, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
+        max_failures=max_failures, experiment=experiment, synthetic_size=tuple(synthetic_size) if synthetic_size else None,
+    )
+    err = stderr_console()
+    store = open_store(home, db_url)
+    tracker = open_tracker(home, tracking_uri, experiment)
+    h = home_mod.home_dir(home)
+    home_mod.ensure_writable(h)
+    with err.status("starting Ray…"):
+        try:
+            info = cluster_mod.connect(address)
+        except cluster_mod.ClusterError as e:
+            raise click.BadParameter(str(e), param_hint="--address")
+    try:
+        try:
+            cluster_mod.plan_resources(info, gpus=gpus, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
+        except cluster_mod.ClusterError as e:
+            raise click.UsageError(str(e))
+        if dataset == "synthetic" and not as_json:
+            err.print(f"synthetic task: {opts.num_classes} classes, base resolution {base_resolution} "
+                      f"(its images are 64px; pass --base-resolution to change)", highlight=False)
+        err.print(f"search {search_id}: {space_kind} space, {info.cpus:g} CPUs / {info.gpus:g} GPUs, "
+                  f"store {store.masked_url}", highlight=False)
+        with SearchProgress(trials or (None if space_kind == "grid" else 16), epochs) as progress:
+            try:
+                outcome = run_search(opts, store=store, tracker=tracker, cluster=info,
+                                     storage_path=home_mod.ray_storage(h), on_change=progress.update,
+                                     search_id=search_id)
+            except SearchFailed as e:
+                raise click.ClickException(str(e))
+    finally:
+        cluster_mod.shutdown(info)
+    best = outcome.best
+    if as_json:
+        click.echo(json.dumps({"search_id": outcome.search_id, "mlflow_run_id": outcome.mlflow_run_id,
+                               "status": outcome.status, "n_trials": outcome.n_trials, "best": best,
+                               "summary": outcome.summary}, indent=2, default=str))
+    else:
+        out = stdout_console()
+        s = outcome.summary
+        out.print(f"search {outcome.search_id} {outcome.status}: {outcome.n_trials} trials, "
+                  f"{s['n_networks']} distinct networks ({s['n_reused']} reused), {s['wall_s']:.0f}s wall, "
+                  f"efficiency {s['efficiency']}", highlight=False)
+        if best:
+            note = "" if s["winner_within_tolerance"] else " (no trial was within --flops-tolerance; best overall)"
+            out.print(f"winner {best['trial_id']}: α={best['alpha']:.4f} β={best['beta']:.4f} γ={best['gamma']:.4f} "
+                      f"val_top1={best['val_top1']:.4f} FLOPs ×B0={best['flops_ratio']:.2f}{note}", highlight=False)
+            out.print(f"next: orch scale --from-run {outcome.search_id}", highlight=False)
+    if outcome.status == "interrupted":
+        raise SystemExit(130)
+
+
+# --------------------------------------------------------------------------- orch runs
+
+
+@main.group()
+def runs():
+    """List and show searches stored in the results store."""
+
+
+def _search_entry(s) -> dict:
+    return {"id": s.id, "kind": "search", "name": s.name, "status": s.status,
+            "created_at": s.created_at.isoformat(), "finished_at": s.finished_at.isoformat() if s.finished_at else None,
+            "mlflow_run_id": s.mlflow_run_id, "best_trial_id": s.best_trial_id,
+            "best": (s.summary or {}).get("best")}
+
+
+@runs.command("list")
+@click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50, show_default=True, help="Newest first.")
+@home_option
+@db_url_option
+@json_option
+def runs_list(limit, home, db_url, as_json):
+    """List searches, newest first."""
+    store = open_store(home, db_url)
+    entries = [_search_entry(s) for s in store.list_searches(limit)]
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table()
+    for c in ("id", "kind", "name", "status", "created", "best val_top1", "best α, β, γ"):
+        table.add_column(c)
+    for e in entries:
+        b = e["best"] or {}
+        table.add_row(e["id"], e["kind"], e["name"], e["status"], e["created_at"][:19],
+                      f"{b['val_top1']:.4f}" if b else "-",
+                      f"{b['alpha']:.3f}, {b['beta']:.3f}, {b['gamma']:.3f}" if b else "-")
+    stdout_console().print(table)
+
+
+@runs.command("show")
+@click.argument("run_id", callback=_check_id)
+@home_option
+@db_url_option
+@json_option
+def runs_show(run_id, home, db_url, as_json):
+    """Show one search and its trials (by search id or its MLflow run id)."""
+    store = open_store(home, db_url)
+    s = store.get_search(run_id) or store.find_search_by_mlflow_run(run_id)
+    if s is None:
+        raise click.BadParameter(f"no search {run_id!r} in {store.masked_url}; see `orch runs list`",
+                                 param_hint="RUN_ID")
+    trials = store.trials(s.id)
+    entry = _search_entry(s) | {"config": s.config, "summary": s.summary, "error": s.error, "trials": [
+        {"trial_id": t.trial_id, "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma, "status": t.status,
+         "epochs_done": t.epochs_done, "val_top1": t.val_top1, "best_val_top1": t.best_val_top1,
+         "resolution": t.resolution, "gmacs": t.gmacs, "flops_ratio": t.flops_ratio, "network_key": t.network_key,
+         "reused_from": t.reused_from, "mlflow_run_id": t.mlflow_run_id, "error": t.error, "history": t.history}
+        for t in trials]}
+    if as_json:
+        click.echo(json.dumps(entry, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    out = stdout_console()
+    out.print(f"{s.id} ({s.name}) {s.status}, created {entry['created_at'][:19]}, MLflow run {s.mlflow_run_id}",
+              highlight=False)
+    if s.error:
+        out.print(f"error: {s.error}", highlight=False)
+    table = Table()
+    for c in ("trial", "α", "β", "γ", "res", "×B0", "epochs", "val_top1", "status"):
+        table.add_column(c)
+    for t in trials:
+        table.add_row(t.trial_id + (" *" if t.trial_id == s.best_trial_id else ""), f"{t.alpha:.3f}", f"{t.beta:.3f}",
+                      f"{t.gamma:.3f}", str(t.resolution), f"{t.flops_ratio:.2f}" if t.flops_ratio else "-",
+                      str(t.epochs_done), f"{t.val_top1:.4f}" if t.val_top1 is not None else "-",
+                      t.status + (f" (reused {t.reused_from})" if t.reused_from else ""))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- orch db
+
+
+@main.group()
+def db():
+    """Manage the results store's schema (Alembic)."""
+
+
+@db.command("upgrade")
+@home_option
+@db_url_option
+def db_upgrade(home, db_url):
+    """Migrate the results store to the newest schema."""
+    from orchestrator import home as home_mod
+    from orchestrator.store import ResultsStore, StoreError
+
+    h = home_mod.home_dir(home)
+    try:
+        store = ResultsStore(db_url or home_mod.default_db_url(h), check_schema=False)
+        before, after = store.upgrade()
+    except StoreError as e:
+        raise click.ClickException(str(e))
+    click.echo(f"{store.masked_url}: {before or 'empty'} -> {after}")
+
+
+@db.command("current")
+@home_option
+@db_url_option
+def db_current(home, db_url):
+    """Print the store's schema revision and the newest one this orch knows."""
+    from orchestrator import home as home_mod
+    from orchestrator.store import ResultsStore, StoreError, head_revision
+
+    h = home_mod.home_dir(home)
+    try:
+        store = ResultsStore(db_url or home_mod.default_db_url(h), check_schema=False)
+        rev = store.current_revision()
+    except StoreError as e:
+        raise click.ClickException(str(e))
+    head = head_revision()
+    state = "up to date" if rev == head else "run `orch db upgrade`"
+    click.echo(f"{store.masked_url}: revision {rev or 'none'} (head {head}, {state})")
 
 
 if __name__ == "__main__":  # pragma: no cover

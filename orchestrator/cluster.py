@@ -1,0 +1,92 @@
+"""Connecting to Ray: an embedded local instance by default, or a running cluster."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+
+class ClusterError(Exception):
+    """The cluster cannot run what was asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    cpus: float
+    gpus: float
+    address: str | None  # None: the embedded local instance
+    started_here: bool
+
+
+def _quiet_env() -> None:
+    # Tune's own CSV/JSON/TensorBoard loggers write every result to disk; orch writes results
+    # to its store and MLflow from the driver, so those are pure overhead.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> ClusterInfo:
+    """Connect (or reuse an initialised Ray). The local instance binds to 127.0.0.1 and has no
+    dashboard; ``address`` may be ``auto``, ``host:port`` or ``ray://host:10001``."""
+    _quiet_env()
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        kwargs = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
+                      include_dashboard=False)
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+                started = True
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = address or "a local Ray instance"
+            raise ClusterError(f"cannot connect to Ray at {where}: {str(e).splitlines()[0]}") from None
+    res = ray.cluster_resources()
+    return ClusterInfo(float(res.get("CPU", 0)), float(res.get("GPU", 0)), address, started)
+
+
+def shutdown(info: ClusterInfo | None) -> None:
+    import ray
+
+    if ray.is_initialized() and (info is None or info.started_here):
+        ray.shutdown()
+
+
+def plan_resources(info: ClusterInfo, *, gpus: float | None, gpus_per_trial: float | None,
+                   cpus_per_trial: float) -> tuple[float, float, int]:
+    """(gpus per trial, cpus per trial, concurrency) from the budget, checked against the cluster.
+
+    ``gpus`` None means every GPU the cluster has; 0 runs on CPU.
+    """
+    budget = info.gpus if gpus is None else gpus
+    if budget > info.gpus + 1e-9:
+        raise ClusterError(
+            f"--gpus {budget:g} asks for more GPUs than the cluster has ({info.gpus:g}); "
+            f"use --gpus {info.gpus:g} or fewer (0 runs on CPU)"
+        )
+    if cpus_per_trial > info.cpus + 1e-9:
+        raise ClusterError(
+            f"--cpus-per-trial {cpus_per_trial:g} is more than the cluster's {info.cpus:g} CPUs; lower it"
+        )
+    if budget > 0:
+        gpt = 1.0 if gpus_per_trial is None else gpus_per_trial
+        if gpt > budget + 1e-9:
+            raise ClusterError(f"--gpus-per-trial {gpt:g} is above the --gpus budget {budget:g}; lower it or raise --gpus")
+        if gpt <= 0:
+            raise ClusterError("--gpus-per-trial must be above 0 when GPUs are used; use --gpus 0 for CPU")
+        concurrency = int(math.floor(budget / gpt + 1e-9))
+    else:
+        if gpus_per_trial:
+            raise ClusterError("--gpus-per-trial needs a GPU budget; drop it or set --gpus")
+        gpt = 0.0
+        concurrency = max(1, int(math.floor(info.cpus / cpus_per_trial + 1e-9)))
+    concurrency = min(concurrency, max(1, int(math.floor(info.cpus / cpus_per_trial + 1e-9))))
+    return gpt, cpus_per_trial, concurrency

@@ -1,0 +1,464 @@
+"""The φ=1 search as a Ray Tune experiment: OptunaSearch proposes, ASHA stops weak trials early,
+and a driver-side sink writes every trial to the results store and MLflow in batches, off the
+training path. Picks the winner at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import queue
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from orchestrator import scaling, space
+
+#: ASHA halves the field at each rung: with a handful of trials and epochs, 4 (Ray's default)
+#: would stop almost everything at the grace period.
+ASHA_REDUCTION = 2
+#: How often the sink flushes queued results (seconds); results are also flushed at trial end.
+SINK_FLUSH_S = 1.0
+
+
+def new_search_id() -> str:
+    return f"search-{time.strftime('%Y%m%d')}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class SearchOptions:
+    name: str
+    space: str = "surface"
+    trials: int | None = None  # None: 16 for surface/band, every distinct network for grid
+    epochs: int = 3
+    grace_epochs: int = 1
+    seed: int = 0
+    tolerance: float = 0.1
+    flops_tolerance: float = 0.25
+    grid_step: float = 0.05
+    paper_point: bool = True
+    dataset: str = "synthetic"
+    base_resolution: int = 32
+    num_classes: int = 10
+    batch_size: int = 64
+    lr: float = 0.03
+    gpus: float | None = None
+    gpus_per_trial: float | None = None
+    cpus_per_trial: float = 1.0
+    max_failures: int = 2
+    experiment: str = "compound-scaling"
+    synthetic_size: tuple[int, int] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_config(self) -> dict:
+        d = asdict(self)
+        d["synthetic_size"] = list(self.synthetic_size) if self.synthetic_size else None
+        return d
+
+
+@dataclass
+class TrialState:
+    trial_id: str
+    alpha: float
+    beta: float
+    gamma: float
+    key: str
+    resolution: int
+    params: int
+    gmacs: float
+    flops_ratio: float
+    run_id: str | None = None
+    status: str = "running"
+    history: dict = field(default_factory=dict)  # epoch -> metrics
+    reused_from: str | None = None
+    error: str | None = None
+    started_at: object = None
+    ended_at: object = None
+
+    @property
+    def epochs_done(self) -> int:
+        return max(self.history, default=0)
+
+    def last(self, key: str):
+        return self.history[self.epochs_done].get(key) if self.history else None
+
+
+@dataclass
+class SearchOutcome:
+    search_id: str
+    mlflow_run_id: str
+    status: str
+    n_trials: int
+    best: dict | None
+    summary: dict
+
+
+class Sink:
+    """Receives Tune events on the driver and writes them from one background thread."""
+
+    def __init__(self, store, tracker, search_id: str, parent_run: str, opts: SearchOptions, b0_macs: int,
+                 registry, on_change: Callable[[dict], None] | None = None):
+        self.store, self.tracker, self.search_id, self.parent_run = store, tracker, search_id, parent_run
+        self.opts, self.b0_macs, self.registry, self.on_change = opts, b0_macs, registry, on_change
+        self.trials: dict[str, TrialState] = {}
+        self._q: queue.Queue = queue.Queue()
+        self._costs: dict[str, object] = {}
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._loop, name="orch-sink", daemon=True)
+        self._thread.start()
+
+    # -- called from Tune's callback (driver thread): cheap, never blocks on I/O
+    def started(self, trial_id: str, config: dict) -> None:
+        self._q.put(("start", trial_id, dict(config), _now()))
+
+    def result(self, trial_id: str, result: dict) -> None:
+        keep = {k: result[k] for k in ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s",
+                                      "images_per_s", "gmacs", "params_m", "reused_from") if k in result}
+        self._q.put(("result", trial_id, keep, _now()))
+
+    def ended(self, trial_id: str, failed: bool, error: str | None = None) -> None:
+        self._q.put(("end", trial_id, (failed, error), _now()))
+
+    def close(self, interrupted: bool = False) -> None:
+        self._q.put(("close", None, interrupted, _now()))
+        self._thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+    # -- background thread
+    def _loop(self) -> None:
+        closing = False
+        while not closing:
+            events = [self._q.get()]
+            deadline = time.monotonic() + SINK_FLUSH_S
+            while events[-1][0] not in ("end", "close") and time.monotonic() < deadline:
+                try:
+                    events.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                closing = self._apply(events)
+            except BaseException as e:  # keep draining; report at close
+                self._errors.append(e)
+                closing = any(ev[0] == "close" for ev in events)
+
+    def _cost(self, cand):
+        from workers.flops import measure
+
+        if cand.key not in self._costs:
+            self._costs[cand.key] = measure(cand.spec)
+        return self._costs[cand.key]
+
+    def _apply(self, events: list) -> bool:
+        dirty: dict[str, list] = {}
+        ended: list[str] = []
+        closing = False
+        for kind, tid, payload, at in events:
+            if kind == "start":
+                if tid in self.trials:  # a retried trial starts again: same row, same run
+                    self.trials[tid].status = "running"
+                    dirty.setdefault(tid, [])
+                    continue
+                from orchestrator.trainable import coefficients
+
+                a, b, g = coefficients(payload)
+                cand = space.candidate(a, b, g, base_resolution=self.opts.base_resolution,
+                                       num_classes=self.opts.num_classes)
+                cost = self._cost(cand)
+                st = TrialState(tid, a, b, g, cand.key, cand.resolution, cost.params, cost.gmacs,
+                                cost.macs / self.b0_macs, started_at=at)
+                st.run_id = self.tracker.start_run(
+                    tid, parent_id=self.parent_run,
+                    params={"alpha": a, "beta": b, "gamma": g, "phi": 1, "depth_mult": a, "width_mult": b,
+                            "resolution": cand.resolution, "network_key": cand.key, "dataset": self.opts.dataset,
+                            "epochs": self.opts.epochs, "seed": self.opts.seed, "search_id": self.search_id},
+                    tags={"orch.kind": "trial", "orch.search_id": self.search_id, "orch.trial_id": tid},
+                )
+                self.tracker.log(st.run_id, [("gmacs", st.gmacs, 0), ("params_m", st.params / 1e6, 0),
+                                             ("flops_ratio", st.flops_ratio, 0)])
+                self.trials[tid] = st
+                dirty.setdefault(tid, [])
+            elif kind == "result":
+                st = self.trials[tid]
+                epoch = int(payload.get("epoch", st.epochs_done + 1))
+                if payload.get("reused_from"):
+                    st.reused_from = payload.pop("reused_from")
+                st.history[epoch] = payload
+                dirty.setdefault(tid, []).append(payload)
+            elif kind == "end":
+                failed, error = payload
+                st = self.trials[tid]
+                if failed:
+                    st.status, st.error = "failed", error
+                else:
+                    st.status = "finished" if st.epochs_done >= self.opts.epochs else "stopped"
+                st.ended_at = at
+                dirty.setdefault(tid, [])
+                ended.append(tid)
+            elif kind == "close":
+                closing = True
+                for st in self.trials.values():
+                    if st.status == "running":  # interrupted: never leave a run RUNNING
+                        st.status, st.ended_at = ("interrupted" if payload else "failed"), at
+                        st.error = st.error or "the search stopped before this trial ended"
+                        dirty.setdefault(st.trial_id, [])
+                        ended.append(st.trial_id)
+        for tid, new in dirty.items():
+            st = self.trials[tid]
+            metrics = []
+            for m in new:
+                step = int(m.get("epoch", 0))
+                metrics += [(k, m[k], step) for k in ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s")
+                            if k in m]
+            if metrics:
+                self.tracker.log(st.run_id, metrics)
+            self.store.upsert_trial(self.search_id, tid, **self._row(st))
+        for tid in ended:
+            st = self.trials[tid]
+            tags = {"orch.status": st.status}
+            if st.reused_from:
+                tags["orch.reused_from"] = st.reused_from
+            if st.error:
+                tags["orch.error"] = st.error[:5000]
+            summary = [("val_top1_final", st.last("val_top1"), st.epochs_done)] if st.history else []
+            self.tracker.log(st.run_id, summary, tags=tags)
+            self.tracker.end(st.run_id, st.status)
+            if self.registry is not None and not st.reused_from:
+                history = [st.history[e] for e in sorted(st.history)] if st.status in ("finished", "stopped") else None
+                self.registry.finish.remote(st.key, tid, history)
+        if self.on_change and (dirty or ended):
+            self.on_change({"trials": list(self.trials.values())})
+        return closing
+
+    def _row(self, st: TrialState) -> dict:
+        hist = [st.history[e] for e in sorted(st.history)]
+        tops = [h["val_top1"] for h in hist if "val_top1" in h]
+        return {
+            "alpha": st.alpha, "beta": st.beta, "gamma": st.gamma, "network_key": st.key,
+            "resolution": st.resolution, "params": st.params, "gmacs": st.gmacs, "flops_ratio": st.flops_ratio,
+            "status": st.status, "epochs_done": st.epochs_done, "val_top1": tops[-1] if tops else None,
+            "best_val_top1": max(tops) if tops else None, "train_loss": st.last("train_loss"),
+            "train_s": 0.0 if st.reused_from else sum(h.get("train_s", 0.0) for h in hist),
+            "history": hist, "reused_from": st.reused_from, "mlflow_run_id": st.run_id, "error": st.error,
+            "started_at": st.started_at, "ended_at": st.ended_at,
+        }
+
+
+def pick_winner(trials, *, target: float = scaling.TARGET_FLOPS_FACTOR, flops_tolerance: float = 0.25):
+    """The best val top-1 among trials that ran every epoch and whose *measured* FLOPs ratio to
+    B0 is within ``flops_tolerance`` (relative) of the target; stopped trials only if none
+    finished. Returns (trial, within_tolerance) or (None, False)."""
+    done = [t for t in trials if t.status in ("finished", "stopped") and t.val_top1 is not None]
+    if not done:
+        return None, False
+    full = [t for t in done if t.status == "finished"] or done
+    ok = [t for t in full if abs(t.flops_ratio - target) <= flops_tolerance * target]
+    pool = ok or full
+    best = max(pool, key=lambda t: (t.val_top1, -t.flops_ratio))
+    return best, bool(ok)
+
+
+def trials_csv(trials) -> str:
+    cols = ["trial_id", "alpha", "beta", "gamma", "resolution", "network_key", "params", "gmacs", "flops_ratio",
+            "status", "epochs_done", "val_top1", "best_val_top1", "train_loss", "train_s", "reused_from", "error"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    for t in trials:
+        w.writerow([getattr(t, c) for c in cols])
+    return buf.getvalue()
+
+
+def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: Path,
+               on_change: Callable[[dict], None] | None = None, search_id: str | None = None) -> SearchOutcome:
+    """Run one search end to end; the store and MLflow hold everything when it returns."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator import cluster as cluster_mod
+    from orchestrator.trainable import NetworkRegistry, registry_name, trial_fn
+    from workers.flops import measure
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    gpt, cpt, concurrency = cluster_mod.plan_resources(
+        cluster, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial, cpus_per_trial=opts.cpus_per_trial)
+    search_id = search_id or new_search_id()
+    config = opts.as_config() | {"concurrency": concurrency, "gpus_per_trial": gpt}
+
+    b0 = measure(scaling.network_spec(1.0, 1.0, opts.base_resolution, num_classes=opts.num_classes))
+    parent = tracker.start_run(
+        opts.name,
+        params={k: v for k, v in config.items() if k not in ("extra",) and v is not None},
+        tags={"orch.kind": "search", "orch.search_id": search_id},
+    )
+    store.create_search(search_id, opts.name, config, mlflow_run_id=parent)
+
+    registry = NetworkRegistry.options(name=registry_name(search_id)).remote()
+    sink = Sink(store, tracker, search_id, parent, opts, b0.macs, registry, on_change)
+    settings = {
+        "search_id": search_id, "base_resolution": opts.base_resolution, "num_classes": opts.num_classes,
+        "dedupe": True,
+        "train": {"dataset": opts.dataset, "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
+                  "seed": opts.seed, "data_seed": opts.seed, "synthetic_size": opts.synthetic_size},
+    }
+
+    if opts.space == "grid":
+        cands, n_points = space.grid_candidates(opts.grid_step, opts.tolerance, base_resolution=opts.base_resolution,
+                                                num_classes=opts.num_classes, paper_first=opts.paper_point)
+        if opts.trials:
+            cands = cands[:opts.trials]
+        param_space = {"point": tune.grid_search([{"alpha": c.alpha, "beta": c.beta, "gamma": c.gamma} for c in cands])}
+        search_alg, num_samples = None, 1
+        config["grid_points"], config["grid_networks"] = n_points, len(cands)
+        store.update_search(search_id, config=config)
+    else:
+        fn = space.DefineByRun(opts.space, opts.tolerance)
+        storage = optuna.storages.InMemoryStorage()
+        study_name = f"orch-{search_id}"
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
+        if opts.paper_point:
+            study.enqueue_trial(fn.paper_params(), user_attrs={space.PAPER_ATTR: True})
+        searcher = OptunaSearch(space=fn, metric="val_top1", mode="max", storage=storage, study_name=study_name,
+                                sampler=optuna.samplers.TPESampler(seed=opts.seed))
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+        param_space, num_samples = None, opts.trials or 16
+
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_top1", mode="max", max_t=opts.epochs,
+                              grace_period=opts.grace_epochs, reduction_factor=ASHA_REDUCTION)
+
+    resources = {"cpu": cpt, "gpu": gpt}
+    t0 = time.monotonic()
+    interrupted, error = False, None
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trial_fn, settings=settings), resources),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                        reuse_actors=True, max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(
+                name=search_id, storage_path=str(storage_path.resolve()), verbose=0,
+                callbacks=[_callback_class()(sink)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+            ),
+        )
+        grid = tuner.fit()
+        interrupted = _unfinished(grid)
+    except KeyboardInterrupt:
+        interrupted = True
+    except Exception as e:  # the search itself failed: record it, then raise SearchFailed
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    wall = time.monotonic() - t0
+    try:
+        sink.close(interrupted=interrupted)
+    finally:
+        try:
+            ray.kill(registry)
+        except Exception:
+            pass
+
+    trials = store.trials(search_id)
+    best, within = pick_winner(trials, flops_tolerance=opts.flops_tolerance)
+    train_s = sum(t.train_s or 0.0 for t in trials)
+    summary = {
+        "wall_s": round(wall, 3),
+        "train_s": round(train_s, 3),
+        "concurrency": concurrency,
+        "efficiency": round(train_s / (concurrency * wall), 4) if wall > 0 else None,
+        "n_trials": len(trials),
+        "n_networks": len({t.network_key for t in trials}),
+        "n_reused": sum(1 for t in trials if t.reused_from),
+        "by_status": {s: sum(1 for t in trials if t.status == s) for s in sorted({t.status for t in trials})},
+        "winner_within_tolerance": within,
+        "b0_gmacs": b0.gmacs,
+    }
+    if best is not None:
+        summary["best"] = {"trial_id": best.trial_id, "alpha": best.alpha, "beta": best.beta, "gamma": best.gamma,
+                           "val_top1": best.val_top1, "flops_ratio": best.flops_ratio,
+                           "resolution": best.resolution, "network_key": best.network_key}
+    status = "failed" if error else "interrupted" if interrupted else ("finished" if best else "failed")
+    if status == "failed" and not error:
+        error = "no trial finished"
+    store.update_search(search_id, status=status, finished_at=_now(), summary=summary,
+                        best_trial_id=best.trial_id if best else None, error=error)
+    if best is not None:
+        tracker.log(parent, [("best_val_top1", best.val_top1, 0), ("best_flops_ratio", best.flops_ratio, 0)],
+                    params={"best_alpha": best.alpha, "best_beta": best.beta, "best_gamma": best.gamma,
+                            "best_trial_id": best.trial_id})
+    tracker.log(parent, [("wall_s", wall, 0), ("train_s", train_s, 0), ("n_trials", len(trials), 0)]
+                + ([("efficiency", summary["efficiency"], 0)] if summary["efficiency"] is not None else []),
+                tags={"orch.status": status})
+    tracker.log_text(parent, trials_csv(trials), "trials.csv")
+    tracker.end(parent, status)
+    if error and not interrupted:
+        from orchestrator.errors import SearchFailed
+
+        raise SearchFailed(search_id, error)
+    return SearchOutcome(search_id, parent, status, len(trials), summary.get("best"), summary)
+
+
+def _callback_class():
+    from ray import tune
+
+    class SinkCallback(tune.Callback):
+        """Forwards Tune's trial events to the sink. Tune pickles its experiment state, the
+        callbacks included; the sink (threads, connections) lives only in this driver."""
+
+        def __init__(self, sink):
+            self.sink = sink
+
+        def __getstate__(self):
+            return {"sink": None}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if self.sink:
+                self.sink.started(trial.trial_id, trial.config)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if self.sink:
+                self.sink.result(trial.trial_id, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if self.sink:
+                self.sink.ended(trial.trial_id, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if self.sink:
+                self.sink.ended(trial.trial_id, failed=True, error=_trial_error(trial))
+
+    return SinkCallback
+
+
+def _unfinished(grid) -> bool:
+    try:
+        from ray.tune.experiment import Trial
+
+        trials = grid._experiment_analysis.trials  # noqa: SLF001 - Tune exposes no public status list
+        return any(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+    except Exception:
+        return False
+
+
+def _trial_error(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    # The last line of a traceback names the exception and its message.
+    return (lines[-1] if lines else "the trial failed")[:2000]
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)

@@ -1,0 +1,57 @@
+"""SQLAlchemy 2.x models of the results store. The schema is owned by Alembic (``migrations/``);
+migrations carry frozen copies of these tables and never import this module."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Search(Base):
+    __tablename__ = "searches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))  # running | finished | interrupted | failed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    config: Mapped[dict] = mapped_column(JSON)  # every option the search ran with
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    best_trial_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # winner, timing, efficiency
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Trial(Base):
+    __tablename__ = "trials"
+    __table_args__ = (UniqueConstraint("search_id", "trial_id", name="uq_trials_search_trial"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    trial_id: Mapped[str] = mapped_column(String(128))  # Tune's trial id
+    alpha: Mapped[float] = mapped_column(Float)
+    beta: Mapped[float] = mapped_column(Float)
+    gamma: Mapped[float] = mapped_column(Float)
+    network_key: Mapped[str] = mapped_column(String(400))
+    resolution: Mapped[int] = mapped_column(Integer)
+    params: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gmacs: Mapped[float | None] = mapped_column(Float, nullable=True)
+    flops_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    status: Mapped[str] = mapped_column(String(20))  # running | finished | stopped | failed
+    epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)  # last reported epoch
+    best_val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    train_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # seconds in training steps
+    history: Mapped[list] = mapped_column(JSON, default=list)  # one dict per epoch
+    reused_from: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

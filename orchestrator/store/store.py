@@ -1,0 +1,350 @@
+"""ResultsStore: the only code that talks to the SQL results store.
+
+One session scope commits, rolls back, closes, retries transient connection errors with
+backoff, and turns SQLAlchemy errors into ``StoreError``. Callers get frozen dataclasses,
+never rows or sessions. Trial writes are idempotent upserts keyed by (search, Tune trial id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.store.models import Base, Search, Trial
+
+#: Transient errors (a restarting server, a locked SQLite file) are retried this many times.
+WRITE_RETRIES = 6
+
+
+class StoreError(Exception):
+    """The results store cannot be used; the message says why and what to do."""
+
+
+class SchemaOutOfDate(StoreError):
+    pass
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
+
+
+def alembic_config(url: str | None = None):
+    from alembic.config import Config
+
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    if url:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    if len(heads) != 1:
+        raise StoreError(f"the migrations have {len(heads)} heads; expected exactly one")
+    return heads[0]
+
+
+def known_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    id: str
+    name: str
+    status: str
+    created_at: datetime
+    finished_at: datetime | None
+    config: dict
+    mlflow_run_id: str | None
+    best_trial_id: str | None
+    summary: dict | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    search_id: str
+    trial_id: str
+    alpha: float
+    beta: float
+    gamma: float
+    network_key: str
+    resolution: int
+    params: int | None
+    gmacs: float | None
+    flops_ratio: float | None
+    status: str
+    epochs_done: int
+    val_top1: float | None
+    best_val_top1: float | None
+    train_loss: float | None
+    train_s: float | None
+    history: list
+    reused_from: str | None
+    mlflow_run_id: str | None
+    error: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+def _record(cls, row):
+    return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    # SQLite drops the zone; everything stored is UTC.
+    return dt.replace(tzinfo=timezone.utc) if dt is not None and dt.tzinfo is None else dt
+
+
+class ResultsStore:
+    """Open with ``ResultsStore(url)``; an empty database is migrated to head, an out-of-date
+    one is refused with the command that fixes it (``orch db upgrade``)."""
+
+    def __init__(self, url: str, *, check_schema: bool = True, connect_timeout: float = 10.0):
+        self.url = url
+        self.masked_url = mask_url(url)
+        try:
+            parsed = sa.engine.make_url(url)
+        except sa_exc.ArgumentError:
+            raise StoreError(f"cannot parse database URL {url!r}; use e.g. sqlite:////abs/path/orch.db or postgresql+psycopg://user@host/db") from None
+        kwargs: dict = {"pool_pre_ping": True}
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        elif parsed.get_backend_name() == "postgresql":
+            kwargs["connect_args"] = {"connect_timeout": int(connect_timeout)}
+        try:
+            self.engine = sa.create_engine(url, **kwargs)
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as e:
+            raise StoreError(f"cannot open database {self.masked_url}: {e}") from None
+        if parsed.get_backend_name() == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if check_schema:
+            self.check_schema()
+
+    # ------------------------------------------------------------------ schema
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self._connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def _connect(self):
+        try:
+            return self.engine.connect()
+        except sa_exc.SQLAlchemyError as e:
+            raise StoreError(f"cannot connect to the results store {self.masked_url}: {_one_line(e)}") from None
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Migrate to head; returns (from, to)."""
+        from alembic import command
+
+        before = self.current_revision()
+        with self._connect() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()
+        return before, head_revision()
+
+    def check_schema(self) -> None:
+        head = head_revision()
+        rev = self.current_revision()
+        if rev == head:
+            return
+        if rev is None:
+            with self._connect() as conn:
+                tables = sa.inspect(conn).get_table_names()
+            ours = {t.name for t in Base.metadata.sorted_tables}
+            if not tables:
+                self.upgrade()  # only an empty database is created automatically
+                return
+            if ours & set(tables):
+                raise SchemaOutOfDate(
+                    f"the results store {self.masked_url} has orch tables but no schema revision; run `orch db upgrade`"
+                )
+            raise StoreError(
+                f"{self.masked_url} already holds other tables ({', '.join(sorted(tables)[:5])}); give orch its own database"
+            )
+        if rev in known_revisions():
+            raise SchemaOutOfDate(
+                f"the results store {self.masked_url} is at schema revision {rev}, this orch needs {head}; run `orch db upgrade`"
+            )
+        raise StoreError(
+            f"the results store {self.masked_url} is at revision {rev}, which this orch does not know; upgrade orch"
+        )
+
+    # ------------------------------------------------------------------ sessions
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        s = self._sessions()
+        try:
+            yield s
+            s.commit()
+        except sa_exc.SQLAlchemyError as e:
+            s.rollback()
+            raise StoreError(f"results store {self.masked_url}: {_one_line(e)}") from e
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    def _write(self, fn):
+        """Run ``fn(session)`` in a transaction, retrying transient failures with backoff."""
+        delay = 0.2
+        for attempt in range(WRITE_RETRIES + 1):
+            try:
+                with self.session() as s:
+                    return fn(s)
+            except StoreError as e:
+                transient = isinstance(e.__cause__, (sa_exc.OperationalError, sa_exc.InterfaceError)) or (
+                    isinstance(e.__cause__, sa_exc.DBAPIError) and e.__cause__.connection_invalidated
+                )
+                if not transient or attempt == WRITE_RETRIES:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ searches
+
+    def create_search(self, search_id: str, name: str, config: dict, *, mlflow_run_id: str | None = None) -> SearchRecord:
+        def fn(s: Session):
+            row = Search(id=search_id, name=name, status="running", created_at=utcnow(), config=config,
+                         mlflow_run_id=mlflow_run_id)
+            s.add(row)
+            s.flush()
+            return _record(SearchRecord, row)
+
+        return self._write(fn)
+
+    def update_search(self, search_id: str, **values) -> None:
+        allowed = {f.name for f in fields(SearchRecord)} - {"id", "created_at"}
+        bad = set(values) - allowed
+        if bad:
+            raise ValueError(f"unknown search fields: {sorted(bad)}")
+        self._write(lambda s: s.execute(sa.update(Search).where(Search.id == search_id).values(**values)))
+
+    def get_search(self, search_id: str) -> SearchRecord | None:
+        with self.session() as s:
+            row = s.get(Search, search_id)
+            return self._search(row) if row else None
+
+    def find_search_by_mlflow_run(self, run_id: str) -> SearchRecord | None:
+        with self.session() as s:
+            row = s.scalars(sa.select(Search).where(Search.mlflow_run_id == run_id)).first()
+            return self._search(row) if row else None
+
+    def list_searches(self, limit: int = 100) -> list[SearchRecord]:
+        with self.session() as s:
+            rows = s.scalars(sa.select(Search).order_by(Search.created_at.desc()).limit(limit)).all()
+            return [self._search(r) for r in rows]
+
+    @staticmethod
+    def _search(row) -> SearchRecord:
+        rec = _record(SearchRecord, row)
+        return SearchRecord(**{**rec.__dict__, "created_at": _aware(rec.created_at), "finished_at": _aware(rec.finished_at)})
+
+    # ------------------------------------------------------------------ trials
+
+    def upsert_trial(self, search_id: str, trial_id: str, **values) -> None:
+        """Insert the trial or update it in place: one row per (search, trial) however often
+        a result is written (retries, resumes)."""
+        allowed = {f.name for f in fields(TrialRecord)} - {"search_id", "trial_id"}
+        bad = set(values) - allowed
+        if bad:
+            raise ValueError(f"unknown trial fields: {sorted(bad)}")
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        elif dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:  # pragma: no cover - other dialects: read-then-write in one transaction
+            insert = None
+
+        defaults = {"status": "running", "epochs_done": 0, "history": []}
+        row = {**defaults, **values, "search_id": search_id, "trial_id": trial_id}
+
+        def fn(s: Session):
+            if insert is None:
+                existing = s.scalars(sa.select(Trial).where(Trial.search_id == search_id, Trial.trial_id == trial_id)).first()
+                if existing is None:
+                    s.add(Trial(**row))
+                else:
+                    for k, v in values.items():
+                        setattr(existing, k, v)
+                return
+            stmt = insert(Trial).values(**row)
+            if values:
+                stmt = stmt.on_conflict_do_update(index_elements=["search_id", "trial_id"], set_=values)
+            else:
+                stmt = stmt.on_conflict_do_nothing(index_elements=["search_id", "trial_id"])
+            s.execute(stmt)
+
+        self._write(fn)
+
+    def trials(self, search_id: str) -> list[TrialRecord]:
+        with self.session() as s:
+            rows = s.scalars(sa.select(Trial).where(Trial.search_id == search_id).order_by(Trial.id)).all()
+            return [self._trial(r) for r in rows]
+
+    def get_trial(self, trial_id: str) -> TrialRecord | None:
+        """A trial by its Tune trial id or its MLflow run id."""
+        with self.session() as s:
+            row = s.scalars(
+                sa.select(Trial).where(sa.or_(Trial.trial_id == trial_id, Trial.mlflow_run_id == trial_id))
+            ).first()
+            return self._trial(row) if row else None
+
+    @staticmethod
+    def _trial(row) -> TrialRecord:
+        rec = _record(TrialRecord, row)
+        return TrialRecord(**{**rec.__dict__, "started_at": _aware(rec.started_at), "ended_at": _aware(rec.ended_at)})
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets readers (orch runs list) and a writer (a running search) work at once, and two
+    # searches share one file; busy_timeout turns lock contention into waiting, not errors.
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cur.close()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return text[0] if text else type(e).__name__

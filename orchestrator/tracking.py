@@ -1,0 +1,140 @@
+"""The only module that talks to MLflow.
+
+A search is a parent run with one child run per trial; everything is written from the driver
+through ``MlflowClient`` (no global fluent state), in batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+#: How long an unreachable tracking server may keep `orch` waiting before it gives up.
+CONNECT_TIMEOUT_S = 10.0
+STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED", "killed": "KILLED"}
+
+
+class TrackingError(Exception):
+    """The tracking store cannot be used; the message says why and what to do."""
+
+
+def mask_uri(uri: str) -> str:
+    p = urlparse(uri)
+    if p.password:
+        netloc = p.netloc.replace(f":{p.password}@", ":***@")
+        return p._replace(netloc=netloc).geturl()
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast (bounded wait) when an http(s) tracking server does not answer."""
+    p = urlparse(uri)
+    if p.scheme not in ("http", "https"):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = f"{p.scheme}://{p.netloc}/health"
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=max(0.5, min(3.0, deadline - time.monotonic()))) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
+            last = str(getattr(e, "reason", e))
+        time.sleep(0.5)
+    raise TrackingError(
+        f"the MLflow tracking server {mask_uri(uri)} did not answer within {timeout:g}s ({last}); "
+        f"start it, or drop --tracking-uri to use the local store"
+    )
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, artifact_root: str | os.PathLike | None = None):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # Bounded waits against a remote server instead of MLflow's long default retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        check_reachable(uri)
+        import logging
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no migration chatter on stderr
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+                exp_id = self.client.create_experiment(
+                    experiment,
+                    artifact_location=location,
+                    # Open the experiment on the training-runs view, not the GenAI overview.
+                    tags={"mlflow.experimentKind": "custom_model_development"},
+                )
+            else:
+                exp_id = exp.experiment_id
+        except MlflowException as e:
+            raise TrackingError(f"MLflow at {mask_uri(uri)}: {str(e).splitlines()[0]}") from None
+        self.experiment_id = exp_id
+        self.experiment = experiment
+
+    def start_run(self, name: str, *, parent_id: str | None = None, params: dict | None = None,
+                  tags: dict | None = None) -> str:
+        from mlflow.entities import Param, RunTag
+
+        all_tags = dict(tags or {})
+        all_tags["mlflow.runName"] = name
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        if params:
+            self.client.log_batch(run_id, params=[Param(k, _param_str(v)) for k, v in params.items()])
+        return run_id
+
+    def log(self, run_id: str, metrics: list[tuple[str, float, int]] = (), params: dict | None = None,
+            tags: dict | None = None) -> None:
+        """One batched write: metrics as (key, value, step); non-finite values are dropped."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, int(step)) for k, v, step in metrics if v is not None and math.isfinite(float(v))]
+        ps = [Param(k, _param_str(v)) for k, v in (params or {}).items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ms), 1), 900):  # MLflow caps a batch at 1000 metrics
+            chunk = ms[i:i + 900]
+            if chunk or (i == 0 and (ps or ts)):
+                self.client.log_batch(run_id, metrics=chunk, params=ps if i == 0 else [], tags=ts if i == 0 else [])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=STATUS.get(status, status))
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+
+def _param_str(v) -> str:
+    s = f"{v:.6g}" if isinstance(v, float) else str(v)
+    return s[:6000]

@@ -1,0 +1,252 @@
+"""Datasets for trials: ``synthetic`` (default) and ``imagefolder:PATH``.
+
+Both end up as uint8 tensors (N, 3, H, W) plus int64 labels, held on the training device and
+augmented there (random crop with reflection padding and horizontal flip), so that the loop
+never waits for a data loader. Resizing to the trial's resolution happens once per dataset.
+Torch, numpy and Pillow only.
+
+``synthetic`` is generated deterministically from a seed, with no download. Each class is a
+textured object (an oriented grating of a class frequency, inside a soft ellipse at a random
+place and scale) on a noisy background with a weaker distractor texture of another class.
+Classes come in pairs that differ *only* in frequency, one of them high: at a low input
+resolution the high one aliases into its partner, so resolution matters; the random position,
+scale and clutter make depth and width matter. Pixel noise keeps the task from saturating.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+#: Native resolution of the synthetic images before resizing to a trial's resolution.
+SYNTHETIC_NATIVE = 64
+#: Default size of the synthetic task: big enough to rank candidates, small enough for a laptop
+#: CPU (a B0 epoch at 32px takes ~5 s on one core).
+SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 1536, 512, 10
+#: Image suffixes read by ``imagefolder``.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+#: Datasets above this many pixels*images are refused for the in-memory uint8 cache (~4 GiB).
+MAX_CACHE_BYTES = 4 << 30
+
+
+class DatasetError(ValueError):
+    """A dataset spec or folder the user gave cannot be used; the message says why."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Dataset:
+    name: str
+    num_classes: int
+    train: Split
+    val: Split
+    # Synthetic classes are told apart by texture orientation, which a mirror would change.
+    flip: bool = True
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``synthetic`` -> ("synthetic", None); ``imagefolder:PATH`` -> ("imagefolder", PATH)."""
+    if spec == "synthetic":
+        return "synthetic", None
+    if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
+        return "imagefolder", spec[len("imagefolder:"):]
+    raise DatasetError(f"unknown dataset {spec!r}: use 'synthetic' or 'imagefolder:PATH'")
+
+
+def scan_imagefolder(root: str | os.PathLike) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """Classes and (file, label) lists of ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    Raises:
+        DatasetError: a missing folder, no classes, an empty split, or val classes not in train.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {str(root)!r} does not exist; give a folder with train/ and val/ inside")
+    splits = {}
+    classes: list[str] = []
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir():
+            raise DatasetError(f"{str(d)!r} is missing; an image folder needs train/<class>/ and val/<class>/")
+        names = sorted(p.name for p in d.iterdir() if p.is_dir())
+        if split == "train":
+            classes = names
+            if len(classes) < 2:
+                raise DatasetError(f"{str(d)!r} has {len(classes)} class folders; it needs at least 2")
+        else:
+            extra = sorted(set(names) - set(classes))
+            if extra:
+                raise DatasetError(f"{str(d)!r} has classes not in train/: {extra}")
+        files = []
+        for label, name in enumerate(classes):
+            cdir = d / name
+            if cdir.is_dir():
+                files += [(p, label) for p in sorted(cdir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise DatasetError(f"{str(d)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        splits[split] = files
+    return classes, splits
+
+
+def _load_images(files: list[tuple[Path, int]], resolution: int) -> Split:
+    from PIL import Image  # Pillow: only needed for image folders
+
+    n = len(files)
+    if n * 3 * resolution * resolution > MAX_CACHE_BYTES:
+        raise DatasetError(
+            f"{n} images at {resolution}px do not fit the in-memory cache; use a smaller --base-resolution or subset"
+        )
+    images = torch.empty((n, 3, resolution, resolution), dtype=torch.uint8)
+    labels = torch.empty(n, dtype=torch.int64)
+    for i, (path, label) in enumerate(files):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                # Resize the shorter side to the resolution, then centre-crop a square.
+                w, h = im.size
+                s = resolution / min(w, h)
+                im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - resolution) // 2, (h - resolution) // 2
+                im = im.crop((left, top, left + resolution, top + resolution))
+                images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3).permute(2, 0, 1)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"cannot decode image {str(path)!r}: {e}") from None
+        labels[i] = label
+    return Split(images, labels)
+
+
+def load_imagefolder(root: str, resolution: int) -> Dataset:
+    classes, splits = scan_imagefolder(root)
+    return Dataset(
+        f"imagefolder:{root}",
+        len(classes),
+        _load_images(splits["train"], resolution),
+        _load_images(splits["val"], resolution),
+    )
+
+
+def _synthetic_split(n: int, num_classes: int, seed: int, native: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    # Class parameters, fixed by the class index (not by the seed): pairs share orientation and
+    # colour and differ in frequency (cycles per image): a low one and a high one near Nyquist/2.
+    cls = torch.arange(num_classes)
+    pair = cls // 2
+    n_pairs = max(1, (num_classes + 1) // 2)
+    theta = math.pi * pair.float() / n_pairs
+    freq = torch.where(cls % 2 == 0, torch.full((num_classes,), native / 9.0), torch.full((num_classes,), native / 3.6))
+    colour = torch.stack([torch.cos(theta), torch.cos(theta + 2.1), torch.cos(theta + 4.2)], 1) * 0.35
+
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, native), torch.linspace(0, 1, native), indexing="ij")
+
+    def grating(c: torch.Tensor, phase: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+        t = theta[c][:, None, None] + jitter[:, None, None]
+        u = xs[None] * torch.cos(t) + ys[None] * torch.sin(t)
+        return torch.sin(2 * math.pi * freq[c][:, None, None] * u + phase[:, None, None])
+
+    rnd = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    # The object: a soft ellipse at a random position and scale holding the class texture.
+    cx, cy = 0.25 + 0.5 * rnd(n), 0.25 + 0.5 * rnd(n)
+    rx, ry = 0.15 + 0.2 * rnd(n), 0.15 + 0.2 * rnd(n)
+    d = ((xs[None] - cx[:, None, None]) / rx[:, None, None]) ** 2 + ((ys[None] - cy[:, None, None]) / ry[:, None, None]) ** 2
+    mask = torch.sigmoid((1.0 - d) * 6.0)
+    obj = grating(labels, 2 * math.pi * rnd(n), 0.15 * (rnd(n) - 0.5))
+    # Clutter: a weaker texture of a random other class over the whole image.
+    other = (labels + 1 + torch.randint(0, num_classes - 1, (n,), generator=g)) % num_classes
+    clutter = grating(other, 2 * math.pi * rnd(n), 0.3 * (rnd(n) - 0.5))
+    amp = 0.5 + 0.4 * rnd(n)
+    lum = mask * obj * amp[:, None, None] + 0.35 * clutter * (1 - 0.5 * mask)
+    img = 0.5 + 0.4 * lum[:, None] + colour[labels][:, :, None, None] * mask[:, None]
+    img = img + 0.3 * torch.randn(img.shape, generator=g)
+    return Split((img.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+
+
+def make_synthetic(seed: int, *, n_train: int = SYNTHETIC_TRAIN, n_val: int = SYNTHETIC_VAL,
+                   num_classes: int = SYNTHETIC_CLASSES, native: int = SYNTHETIC_NATIVE) -> Dataset:
+    """The synthetic task at its native resolution (deterministic in ``seed``)."""
+    return Dataset(
+        "synthetic",
+        num_classes,
+        _synthetic_split(n_train, num_classes, seed, native),
+        _synthetic_split(n_val, num_classes, seed + 1_000_003, native),
+        flip=False,
+    )
+
+
+def resize_split(split: Split, resolution: int) -> Split:
+    """Area/bilinear resize of a uint8 split (antialiased when shrinking)."""
+    if split.images.shape[-1] == resolution:
+        return split
+    out = torch.empty((len(split), 3, resolution, resolution), dtype=torch.uint8)
+    for i in range(0, len(split), 512):
+        x = split.images[i:i + 512].float()
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+        out[i:i + 512] = x.round().clamp(0, 255).to(torch.uint8)
+    return Split(out, split.labels)
+
+
+_CACHE: dict[tuple, Dataset] = {}
+
+
+def load(spec: str, resolution: int, *, seed: int = 0, synthetic_size: tuple[int, int] | None = None) -> Dataset:
+    """The dataset ``spec`` at ``resolution``, cached per process (reused Ray actors keep it)."""
+    kind, path = parse_spec(spec)
+    key = (spec, resolution, seed, synthetic_size)
+    if key in _CACHE:
+        return _CACHE[key]
+    if kind == "synthetic":
+        n_train, n_val = synthetic_size or (SYNTHETIC_TRAIN, SYNTHETIC_VAL)
+        native_key = ("synthetic-native", seed, n_train, n_val)
+        if native_key not in _CACHE:
+            _CACHE[native_key] = make_synthetic(seed, n_train=n_train, n_val=n_val)
+        base = _CACHE[native_key]
+        ds = Dataset(base.name, base.num_classes, resize_split(base.train, resolution),
+                     resize_split(base.val, resolution), flip=base.flip)
+    else:
+        ds = load_imagefolder(path, resolution)
+    if len(_CACHE) > 8:  # a reused actor sees many resolutions; keep memory bounded
+        _CACHE.clear()
+    _CACHE[key] = ds
+    return ds
+
+
+def num_classes_of(spec: str) -> int:
+    kind, path = parse_spec(spec)
+    if kind == "synthetic":
+        return SYNTHETIC_CLASSES
+    return len(scan_imagefolder(path)[0])
+
+
+def gpu_augment(x: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with reflection padding and (optionally) horizontal flip, on x's device.
+
+    ``x`` is float (N, 3, H, W). One random shift per batch row via an unfold-free gather:
+    pad, then take a crop at a per-sample offset using advanced indexing.
+    """
+    n, _, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+        dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
+        rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])  # (n, h)
+        cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])  # (n, w)
+        idx_n = torch.arange(n, device=x.device)[:, None, None]
+        x = xp.permute(0, 2, 3, 1)[idx_n, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if not flip:
+        return x
+    mirrored = torch.rand(n, device=x.device, generator=generator) < 0.5
+    return torch.where(mirrored[:, None, None, None], x.flip(3), x)
