@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(ORCH) plan --mode official
+	$(ORCH) search --trials 8 --epochs 3
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

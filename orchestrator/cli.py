@@ -404,11 +404,11 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
     if grace_epochs > epochs:
         raise click.BadParameter(f"{grace_epochs} is above --epochs {epochs}; use at most {epochs}",
                                  param_hint="--grace-epochs")
+    if gpus == 0 and gpus_per_trial:
+        raise click.BadParameter("needs a GPU budget; drop it or set --gpus above 0", param_hint="--gpus-per-trial")
     if gpus is not None and gpus_per_trial is not None and gpus_per_trial > gpus:
         raise click.BadParameter(f"{gpus_per_trial:g} is above the --gpus budget {gpus:g}; lower it or raise --gpus",
                                  param_hint="--gpus-per-trial")
-    if gpus == 0 and gpus_per_trial:
-        raise click.BadParameter("needs a GPU budget; drop it or set --gpus above 0", param_hint="--gpus-per-trial")
     if synthetic_size and dataset != "synthetic":
         raise click.BadParameter("only applies to --dataset synthetic", param_hint="--synthetic-size")
     if base_resolution is None:

@@ -67,10 +67,12 @@ class Tracker:
         check_reachable(uri)
         import logging
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no migration chatter on stderr
-        logging.getLogger("alembic").setLevel(logging.WARNING)
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+
+        # After the import (mlflow sets its own level on import): no migration chatter on stderr.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)

@@ -83,7 +83,7 @@ def test_bad_input_is_a_click_error(runner, args, says):
     assert len(error_lines) == 1 and says in error_lines[0], res.output
 
 
-COMMANDS = [[], ["plan"]]
+COMMANDS = [[], ["plan"], ["search"], ["runs"], ["runs", "list"], ["runs", "show"], ["db"], ["db", "upgrade"], ["db", "current"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "orch")

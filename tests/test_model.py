@@ -72,3 +72,17 @@ def test_unknown_or_missing_spec_keys_are_errors():
     bad_stage["stages"][0]["groups"] = 2
     with pytest.raises(ValueError, match="bad stage 0"):
         build_model(bad_stage)
+
+
+def test_workers_import_only_torch_and_numpy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import workers.model, workers.flops, workers.data, workers.train\n"
+        "bad = [m for m in ('orchestrator', 'ray', 'mlflow', 'sqlalchemy', 'optuna', 'click', 'PIL') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -1,0 +1,149 @@
+"""The results store on real SQLite and real PostgreSQL (127.0.0.1:5432)."""
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.store import ResultsStore, SchemaOutOfDate, StoreError, head_revision, mask_url
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def _pg_available() -> bool:
+    try:
+        eng = sa.create_engine(PG_ADMIN, connect_args={"connect_timeout": 3})
+        with eng.connect():
+            pass
+        eng.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'orch.db'}"
+        return
+    if not _pg_available():
+        pytest.fail("PostgreSQL must run on 127.0.0.1:5432 (it does on this project's machines and CI)")
+    name = f"orch_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def test_empty_database_is_created_at_head(db_url):
+    store = ResultsStore(db_url)
+    assert store.current_revision() == head_revision()
+    assert store.list_searches() == []
+    store.close()
+
+
+def test_trial_upserts_are_idempotent(db_url):
+    store = ResultsStore(db_url)
+    store.create_search("s1", "one", {"space": "surface"})
+    base = dict(alpha=1.2, beta=1.1, gamma=1.15, network_key="k", resolution=40)
+    for epoch in range(1, 4):  # three results, then a retried write of the same one
+        store.upsert_trial("s1", "t1", **base, epochs_done=epoch, val_top1=0.1 * epoch,
+                           history=[{"epoch": e} for e in range(1, epoch + 1)])
+    store.upsert_trial("s1", "t1", **base, epochs_done=3, val_top1=0.3, history=[{"epoch": e} for e in (1, 2, 3)],
+                       status="finished")
+    trials = store.trials("s1")
+    assert len(trials) == 1
+    t = trials[0]
+    assert (t.epochs_done, t.status, len(t.history)) == (3, "finished", 3)
+    assert t.val_top1 == pytest.approx(0.3)
+    # a second search may use the same Tune trial id without crossing rows
+    store.create_search("s2", "two", {})
+    store.upsert_trial("s2", "t1", **base)
+    assert len(store.trials("s1")) == 1 and len(store.trials("s2")) == 1
+    assert store.get_trial("t1") is not None
+    store.close()
+
+
+def test_unknown_fields_are_errors(db_url):
+    store = ResultsStore(db_url)
+    store.create_search("s1", "one", {})
+    with pytest.raises(ValueError, match="unknown trial fields"):
+        store.upsert_trial("s1", "t1", accuracy=1.0)
+    with pytest.raises(ValueError, match="unknown search fields"):
+        store.update_search("s1", colour="red")
+    with pytest.raises(StoreError):  # duplicate search id: a clear store error, nothing half-written
+        store.create_search("s1", "again", {})
+    assert [s.name for s in store.list_searches()] == ["one"]
+    store.close()
+
+
+def test_tables_without_revision_are_refused_with_the_upgrade_hint(db_url):
+    store = ResultsStore(db_url)
+    with store.engine.begin() as c:
+        c.execute(sa.text("DROP TABLE alembic_version"))
+    store.close()
+    with pytest.raises(SchemaOutOfDate, match="orch db upgrade"):
+        ResultsStore(db_url)
+
+
+def test_unknown_revision_is_refused(db_url):
+    store = ResultsStore(db_url)
+    with store.engine.begin() as c:
+        c.execute(sa.text("UPDATE alembic_version SET version_num = 'ffff'"))
+    store.close()
+    with pytest.raises(StoreError, match="does not know"):
+        ResultsStore(db_url)
+
+
+def test_foreign_database_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    eng = sa.create_engine(url)
+    with eng.begin() as c:
+        c.execute(sa.text("CREATE TABLE customers (id INTEGER)"))
+    eng.dispose()
+    with pytest.raises(StoreError, match="other tables"):
+        ResultsStore(url)
+
+
+def test_models_and_migrations_agree(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from orchestrator.store.models import Base
+
+    store = ResultsStore(db_url)
+    with store.engine.connect() as c:
+        diff = compare_metadata(MigrationContext.configure(c), Base.metadata)
+    assert diff == []
+    store.close()
+
+
+def test_db_cli_current_and_upgrade(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    runner = CliRunner()
+    res = runner.invoke(main, ["db", "current", "--db-url", url])
+    assert res.exit_code == 0 and "revision none" in res.output and "orch db upgrade" in res.output
+    res = runner.invoke(main, ["db", "upgrade", "--db-url", url])
+    assert res.exit_code == 0 and f"-> {head_revision()}" in res.output
+    res = runner.invoke(main, ["db", "current", "--db-url", url])
+    assert "up to date" in res.output
+
+
+def test_bad_urls_are_clear_errors(tmp_path):
+    with pytest.raises(StoreError, match="cannot parse"):
+        ResultsStore("not a url")
+    with pytest.raises(StoreError, match="cannot connect"):
+        ResultsStore("postgresql+psycopg://nobody:secret@127.0.0.1:1/none", connect_timeout=2)
+
+
+def test_password_is_masked():
+    assert "secret" not in mask_url("postgresql+psycopg://u:secret@h/db")
+    try:
+        ResultsStore("postgresql+psycopg://u:secret@127.0.0.1:1/db", connect_timeout=2)
+    except StoreError as e:
+        assert "secret" not in str(e)

@@ -1,0 +1,82 @@
+"""The training loop and the datasets, on CPU with the tiny member."""
+
+import pytest
+import torch
+
+from workers import data, train
+from workers.model import TINY_SPEC
+
+SMALL = dict(spec=TINY_SPEC, synthetic_size=(128, 64), batch_size=32, epochs=2)
+
+
+def test_run_reports_every_epoch_with_all_metrics():
+    reports = []
+    hist = train.run(SMALL, lambda m, c: reports.append((m, c)))
+    assert [m["epoch"] for m, _ in reports] == [1, 2] and len(hist) == 2
+    for m, ckpt in reports:
+        assert {"val_top1", "val_loss", "train_loss", "epoch_s", "train_s", "images_per_s", "gmacs", "params_m"} <= set(m)
+        assert 0.0 <= m["val_top1"] <= 1.0 and m["images_per_s"] > 0
+        assert {"model", "optimizer", "epoch", "config", "history"} <= set(ckpt)
+
+
+def test_checkpoint_resume_continues_from_the_next_epoch(tmp_path):
+    saved = {}
+    train.run(dict(SMALL, epochs=1), lambda m, c: train.save_checkpoint(c, tmp_path))
+    state = train.load_checkpoint(tmp_path)
+    assert state["epoch"] == 1
+    epochs = []
+    hist = train.run(dict(SMALL, epochs=3), lambda m, c: epochs.append(m["epoch"]), state=state)
+    assert epochs == [2, 3] and [h["epoch"] for h in hist] == [1, 2, 3]
+
+
+def test_diverging_trial_fails_with_the_reason():
+    with pytest.raises(train.TrialDiverged, match="lower the learning rate"):
+        train.run(dict(SMALL, lr=1e6, epochs=1), lambda m, c: None)
+
+
+def test_unknown_config_keys_are_errors():
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        train.make_config(spec=TINY_SPEC, learning_rate=0.1)
+
+
+def test_class_count_mismatch():
+    with pytest.raises(ValueError, match="classes"):
+        train.run(dict(SMALL, spec=dict(TINY_SPEC, num_classes=3)), lambda m, c: None)
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a = data.make_synthetic(7, n_train=200, n_val=50)
+    b = data.make_synthetic(7, n_train=200, n_val=50)
+    c = data.make_synthetic(8, n_train=200, n_val=50)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.val.labels, b.val.labels)
+    assert not torch.equal(a.train.images, c.train.images)
+    assert a.train.images.dtype == torch.uint8 and a.train.images.shape == (200, 3, 64, 64)
+    assert torch.bincount(a.train.labels, minlength=10).min() > 5
+    assert not a.flip  # class textures are oriented: mirroring would change the class
+
+
+def test_resize_and_augment_shapes():
+    ds = data.load("synthetic", 32, synthetic_size=(64, 32))
+    assert ds.train.images.shape[-1] == 32
+    x = ds.train.images[:8].float()
+    y = data.gpu_augment(x, pad=4, flip=True, generator=torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and not torch.equal(x, y)
+
+
+def test_dataset_spec_errors(tmp_path):
+    with pytest.raises(data.DatasetError, match="unknown dataset"):
+        data.parse_spec("imagenet")
+    with pytest.raises(data.DatasetError, match="unknown dataset"):
+        data.parse_spec("imagefolder:")
+    (tmp_path / "train" / "only").mkdir(parents=True)
+    with pytest.raises(data.DatasetError, match="at least 2"):
+        data.scan_imagefolder(tmp_path)
+
+
+def test_undecodable_image_is_a_clear_error(tmp_path):
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            (tmp_path / split / cls / "x.png").write_bytes(b"not a png")
+    with pytest.raises(data.DatasetError, match="cannot decode"):
+        data.load_imagefolder(str(tmp_path), 32)
