@@ -350,8 +350,9 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: Pa
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             ),
         )
-        grid = tuner.fit()
-        interrupted = _unfinished(grid)
+        with _SigintWatch() as sigint:
+            grid = tuner.fit()
+        interrupted = sigint.fired or _unfinished(grid)
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:  # the search itself failed: record it, then raise SearchFailed
@@ -435,6 +436,42 @@ def _callback_class():
                 self.sink.ended(trial.trial_id, failed=True, error=_trial_error(trial))
 
     return SinkCallback
+
+
+class _SigintWatch:
+    """Tells whether Ctrl-C stopped ``Tuner.fit``. Tune installs its own SIGINT handler (a
+    graceful stop that saves the experiment) and, when it fires, puts back the handler it found:
+    ours. So if ours is current after fit, Tune's fired; if ours is called, a second Ctrl-C
+    came (or Tune installed none) and it raises KeyboardInterrupt as usual."""
+
+    def __init__(self):
+        import os
+        import threading
+
+        self.fired = False
+        self.active = threading.current_thread() is threading.main_thread()
+        self.tune_handles = self.active and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+
+    def _handler(self, signum, frame):
+        self.fired = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+
+        if self.active:
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.active:
+            if self.tune_handles and signal.getsignal(signal.SIGINT) == self._handler:
+                self.fired = True
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def _unfinished(grid) -> bool:
