@@ -558,20 +558,24 @@ def db():
     """Manage the results store's schema (Alembic)."""
 
 
+def _schema_op(home, db_url, op):
+    """Run ``op(store)`` on a store opened without the schema check; store errors -> click."""
+    from orchestrator import home as home_mod
+    from orchestrator.store import ResultsStore, StoreError
+
+    try:
+        store = ResultsStore(db_url or home_mod.default_db_url(home_mod.home_dir(home)), check_schema=False)
+        return store, op(store)
+    except StoreError as e:
+        raise click.ClickException(str(e))
+
+
 @db.command("upgrade")
 @home_option
 @db_url_option
 def db_upgrade(home, db_url):
     """Migrate the results store to the newest schema."""
-    from orchestrator import home as home_mod
-    from orchestrator.store import ResultsStore, StoreError
-
-    h = home_mod.home_dir(home)
-    try:
-        store = ResultsStore(db_url or home_mod.default_db_url(h), check_schema=False)
-        before, after = store.upgrade()
-    except StoreError as e:
-        raise click.ClickException(str(e))
+    store, (before, after) = _schema_op(home, db_url, lambda st: st.upgrade())
     click.echo(f"{store.masked_url}: {before or 'empty'} -> {after}")
 
 
@@ -580,15 +584,9 @@ def db_upgrade(home, db_url):
 @db_url_option
 def db_current(home, db_url):
     """Print the store's schema revision and the newest one this orch knows."""
-    from orchestrator import home as home_mod
-    from orchestrator.store import ResultsStore, StoreError, head_revision
+    from orchestrator.store import head_revision
 
-    h = home_mod.home_dir(home)
-    try:
-        store = ResultsStore(db_url or home_mod.default_db_url(h), check_schema=False)
-        rev = store.current_revision()
-    except StoreError as e:
-        raise click.ClickException(str(e))
+    store, rev = _schema_op(home, db_url, lambda st: st.current_revision())
     head = head_revision()
     state = "up to date" if rev == head else "run `orch db upgrade`"
     click.echo(f"{store.masked_url}: revision {rev or 'none'} (head {head}, {state})")

@@ -147,3 +147,15 @@ def test_password_is_masked():
         ResultsStore("postgresql+psycopg://u:secret@127.0.0.1:1/db", connect_timeout=2)
     except StoreError as e:
         assert "secret" not in str(e)
+
+
+def test_failed_upgrade_is_a_clear_error(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    store = ResultsStore(url)
+    with store.engine.begin() as c:
+        c.execute(sa.text("DROP TABLE alembic_version"))
+    res = CliRunner().invoke(main, ["db", "upgrade", "--db-url", url])
+    assert res.exit_code == 1 and "upgrading" in res.output and "failed" in res.output
+    assert "Traceback" not in res.output
+    with pytest.raises(SchemaOutOfDate, match="orch db upgrade"):  # still refused, not half-open
+        ResultsStore(url)

@@ -170,8 +170,12 @@ class ResultsStore:
         with self._connect() as conn:
             cfg = alembic_config()
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-            conn.commit()
+            try:
+                command.upgrade(cfg, "head")
+                conn.commit()
+            except sa_exc.SQLAlchemyError as e:
+                conn.rollback()
+                raise StoreError(f"upgrading {self.masked_url} failed: {_one_line(e)}") from None
         return before, head_revision()
 
     def check_schema(self) -> None:
