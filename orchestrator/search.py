@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import queue
 import secrets
 import threading

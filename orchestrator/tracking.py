@@ -95,7 +95,7 @@ class Tracker:
 
     def start_run(self, name: str, *, parent_id: str | None = None, params: dict | None = None,
                   tags: dict | None = None) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         all_tags = dict(tags or {})
         all_tags["mlflow.runName"] = name

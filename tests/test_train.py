@@ -20,7 +20,6 @@ def test_run_reports_every_epoch_with_all_metrics():
 
 
 def test_checkpoint_resume_continues_from_the_next_epoch(tmp_path):
-    saved = {}
     train.run(dict(SMALL, epochs=1), lambda m, c: train.save_checkpoint(c, tmp_path))
     state = train.load_checkpoint(tmp_path)
     assert state["epoch"] == 1
