@@ -286,7 +286,9 @@ class SearchProgress:
         self.total, self.epochs = total, epochs
         self.live = None
         self._seen: dict[str, tuple] = {}
-        self._lock = __import__("threading").Lock()
+        import threading
+
+        self._lock = threading.Lock()
 
     def __enter__(self):
         if self.console.is_terminal:

@@ -82,21 +82,19 @@ def test_unknown_fields_are_errors(db_url):
     store.close()
 
 
-def test_tables_without_revision_are_refused_with_the_upgrade_hint(db_url):
+@pytest.mark.parametrize(
+    "tamper, error, says",
+    [
+        ("DROP TABLE alembic_version", SchemaOutOfDate, "orch db upgrade"),  # tables, no revision
+        ("UPDATE alembic_version SET version_num = 'ffff'", StoreError, "does not know"),  # a newer orch's
+    ],
+)
+def test_tampered_schema_is_refused(db_url, tamper, error, says):
     store = ResultsStore(db_url)
     with store.engine.begin() as c:
-        c.execute(sa.text("DROP TABLE alembic_version"))
+        c.execute(sa.text(tamper))
     store.close()
-    with pytest.raises(SchemaOutOfDate, match="orch db upgrade"):
-        ResultsStore(db_url)
-
-
-def test_unknown_revision_is_refused(db_url):
-    store = ResultsStore(db_url)
-    with store.engine.begin() as c:
-        c.execute(sa.text("UPDATE alembic_version SET version_num = 'ffff'"))
-    store.close()
-    with pytest.raises(StoreError, match="does not know"):
+    with pytest.raises(error, match=says):
         ResultsStore(db_url)
 
 
