@@ -23,11 +23,9 @@ def _pg_available() -> bool:
         return False
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'orch.db'}"
-        return
+@pytest.fixture
+def pg_url():
+    """A fresh database on the PostgreSQL server, dropped afterwards."""
     if not _pg_available():
         pytest.fail("PostgreSQL must run on 127.0.0.1:5432 (it does on this project's machines and CI)")
     name = f"orch_test_{uuid.uuid4().hex[:10]}"
@@ -38,6 +36,13 @@ def db_url(request, tmp_path):
     with admin.connect() as c:
         c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'orch.db'}"
+    return request.getfixturevalue("pg_url")
 
 
 def test_empty_database_is_created_at_head(db_url):
@@ -72,9 +77,9 @@ def test_trial_upserts_are_idempotent(db_url):
 def test_unknown_fields_are_errors(db_url):
     store = ResultsStore(db_url)
     store.create_search("s1", "one", {})
-    with pytest.raises(ValueError, match="unknown trial fields"):
+    with pytest.raises(ValueError, match="unknown trials fields"):
         store.upsert_trial("s1", "t1", accuracy=1.0)
-    with pytest.raises(ValueError, match="unknown search fields"):
+    with pytest.raises(ValueError, match="unknown searches fields"):
         store.update_search("s1", colour="red")
     with pytest.raises(StoreError):  # duplicate search id: a clear store error, nothing half-written
         store.create_search("s1", "again", {})
@@ -157,3 +162,80 @@ def test_failed_upgrade_is_a_clear_error(tmp_path):
     assert "Traceback" not in res.output
     with pytest.raises(SchemaOutOfDate, match="orch db upgrade"):  # still refused, not half-open
         ResultsStore(url)
+
+
+SCALE_ROW = dict(phi=1.0, depth_mult=1.2, width_mult=1.1, resolution=40, network_key="k", params=100, gmacs=0.1,
+                 batch_size=32, lr=0.015, workers=1)
+
+
+def test_scale_runs_are_idempotent(db_url):
+    store = ResultsStore(db_url)
+    store.create_search("s1", "one", {})
+    store.create_scale("sc1", search_id="s1", trial_id="t1", config={"mode": "compound"}, plan=[{"name": "B1"}],
+                       driver="host:1")
+    for epoch in (1, 2, 2):  # a repeated write of epoch 2 (a retry) changes nothing
+        store.upsert_scale_run("sc1", "B1", **SCALE_ROW, status="running", epochs_done=epoch,
+                               history=[{"epoch": e} for e in range(1, epoch + 1)])
+    store.upsert_scale_run("sc1", "B0", **(SCALE_ROW | {"phi": 0.0}), status="finished", val_top1=0.5)
+    runs = store.scale_runs("sc1")
+    assert [r.model for r in runs] == ["B0", "B1"]  # ordered by phi
+    assert (runs[1].epochs_done, len(runs[1].history), runs[1].status) == (2, 2, "running")
+    store.update_scale("sc1", status="finished", summary={"n": 2})
+    sc = store.get_scale("sc1")
+    assert (sc.status, sc.summary, sc.plan) == ("finished", {"n": 2}, [{"name": "B1"}])
+    assert [s.id for s in store.list_scales(search_id="s1")] == ["sc1"]
+    with pytest.raises(ValueError, match="unknown scale_runs fields"):
+        store.upsert_scale_run("sc1", "B1", accuracy=1.0)
+    with pytest.raises(StoreError):  # a scale of a search that does not exist
+        store.create_scale("sc2", search_id="nope", trial_id="t", config={}, plan=[])
+    assert store.get_scale("sc2") is None
+    store.close()
+
+
+def test_past_revision_fixture_upgrades_to_head(tmp_path):
+    """Each past schema is a fixture file (tests/fixtures/schema-<rev>.sqlite, written by
+    make_schema_fixtures.py): refused until `orch db upgrade`, then at head with its rows kept."""
+    import shutil
+    from pathlib import Path
+
+    from tests.fixtures.make_schema_fixtures import ROWS
+
+    for rev in ROWS:
+        db = tmp_path / f"{rev}.sqlite"
+        shutil.copy(Path(__file__).parent / "fixtures" / f"schema-{rev}.sqlite", db)
+        url = f"sqlite:///{db}"
+        with pytest.raises(SchemaOutOfDate, match="orch db upgrade"):
+            ResultsStore(url)
+        res = CliRunner().invoke(main, ["db", "upgrade", "--db-url", url])
+        assert res.exit_code == 0 and f"{rev} -> {head_revision()}" in res.output
+        store = ResultsStore(url)
+        assert [s.id for s in store.list_searches()] == ["search-old"]
+        assert [t.trial_id for t in store.trials("search-old")] == ["t1", "t2"]
+        assert store.list_scales() == []  # the tables added since are there and empty
+        store.close()
+
+
+def test_past_revision_upgrades_on_postgresql(pg_url):
+    """The same past schemas built on the live server (PostgreSQL; SQLite is the fixture file)."""
+    db_url = pg_url
+    from alembic import command
+
+    from orchestrator.store.store import alembic_config
+    from tests.fixtures.make_schema_fixtures import ROWS
+
+    eng = sa.create_engine(db_url)
+    for rev in ROWS:
+        with eng.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, rev)
+            for stmt in ROWS[rev]:
+                conn.execute(sa.text(stmt))
+        with pytest.raises(SchemaOutOfDate, match="orch db upgrade"):
+            ResultsStore(db_url)
+        store = ResultsStore(db_url, check_schema=False)
+        assert store.upgrade() == (rev, head_revision())
+        store = ResultsStore(db_url)
+        assert [t.trial_id for t in store.trials("search-old")] == ["t1", "t2"]
+        store.close()
+    eng.dispose()

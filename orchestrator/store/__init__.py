@@ -2,6 +2,8 @@
 
 from orchestrator.store.store import (  # noqa: F401
     ResultsStore,
+    ScaleRecord,
+    ScaleRunRecord,
     SchemaOutOfDate,
     SearchRecord,
     StoreError,

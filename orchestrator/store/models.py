@@ -55,3 +55,55 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Scale(Base):
+    """One `orch scale`: a plan (φ list, mode) trained from a search's winner or one trial."""
+
+    __tablename__ = "scales"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
+    trial_id: Mapped[str] = mapped_column(String(128))  # the scaled trial (the winner by default)
+    status: Mapped[str] = mapped_column(String(20))  # running | finished | interrupted | failed
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    config: Mapped[dict] = mapped_column(JSON)  # the plan's options and coefficients
+    plan: Mapped[list] = mapped_column(JSON)  # the measured plan rows
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    driver: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:pid of the last driver
+
+
+class ScaleRun(Base):
+    """One model (B0..B7) of a scale: one Ray Train job."""
+
+    __tablename__ = "scale_runs"
+    __table_args__ = (UniqueConstraint("scale_id", "model", name="uq_scale_runs_scale_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    scale_id: Mapped[str] = mapped_column(ForeignKey("scales.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(32))  # B0, B1, ..., B0.5
+    phi: Mapped[float] = mapped_column(Float)
+    depth_mult: Mapped[float] = mapped_column(Float)
+    width_mult: Mapped[float] = mapped_column(Float)
+    resolution: Mapped[int] = mapped_column(Integer)
+    network_key: Mapped[str] = mapped_column(String(400))
+    params: Mapped[int] = mapped_column(Integer)
+    gmacs: Mapped[float] = mapped_column(Float)
+    batch_size: Mapped[int] = mapped_column(Integer)  # per worker
+    lr: Mapped[float] = mapped_column(Float)
+    workers: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20))  # pending | running | finished | failed | interrupted
+    epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    best_val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    train_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    images_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    history: Mapped[list] = mapped_column(JSON, default=list)  # one dict per epoch
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

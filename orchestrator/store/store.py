@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.store.models import Base, Search, Trial
+from orchestrator.store.models import Base, Scale, ScaleRun, Search, Trial
 
 #: Transient errors (a restarting server, a locked SQLite file) are retried this many times.
 WRITE_RETRIES = 6
@@ -105,6 +105,50 @@ class TrialRecord:
     train_s: float | None
     history: list
     reused_from: str | None
+    mlflow_run_id: str | None
+    error: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ScaleRecord:
+    id: str
+    search_id: str
+    trial_id: str
+    status: str
+    created_at: datetime
+    finished_at: datetime | None
+    config: dict
+    plan: list
+    mlflow_run_id: str | None
+    summary: dict | None
+    error: str | None
+    driver: str | None
+
+
+@dataclass(frozen=True)
+class ScaleRunRecord:
+    scale_id: str
+    model: str
+    phi: float
+    depth_mult: float
+    width_mult: float
+    resolution: int
+    network_key: str
+    params: int
+    gmacs: float
+    batch_size: int
+    lr: float
+    workers: int
+    status: str
+    epochs_done: int
+    val_top1: float | None
+    best_val_top1: float | None
+    train_loss: float | None
+    train_s: float | None
+    images_per_s: float | None
+    history: list
     mlflow_run_id: str | None
     error: str | None
     started_at: datetime | None
@@ -254,11 +298,14 @@ class ResultsStore:
         return self._write(fn)
 
     def update_search(self, search_id: str, **values) -> None:
-        allowed = {f.name for f in fields(SearchRecord)} - {"id", "created_at"}
+        self._update(Search, SearchRecord, search_id, values)
+
+    def _update(self, model, record_cls, row_id: str, values: dict) -> None:
+        allowed = {f.name for f in fields(record_cls)} - {"id", "created_at"}
         bad = set(values) - allowed
         if bad:
-            raise ValueError(f"unknown search fields: {sorted(bad)}")
-        self._write(lambda s: s.execute(sa.update(Search).where(Search.id == search_id).values(**values)))
+            raise ValueError(f"unknown {model.__tablename__} fields: {sorted(bad)}")
+        self._write(lambda s: s.execute(sa.update(model).where(model.id == row_id).values(**values)))
 
     def get_search(self, search_id: str) -> SearchRecord | None:
         with self.session() as s:
@@ -285,10 +332,15 @@ class ResultsStore:
     def upsert_trial(self, search_id: str, trial_id: str, **values) -> None:
         """Insert the trial or update it in place: one row per (search, trial) however often
         a result is written (retries, resumes)."""
-        allowed = {f.name for f in fields(TrialRecord)} - {"search_id", "trial_id"}
+        self._upsert(Trial, TrialRecord, {"search_id": search_id, "trial_id": trial_id},
+                     {"status": "running", "epochs_done": 0, "history": []}, values)
+
+    def _upsert(self, model, record_cls, key: dict, defaults: dict, values: dict) -> None:
+        """One row per ``key``: insert ``defaults | values`` or update ``values`` in place."""
+        allowed = {f.name for f in fields(record_cls)} - set(key)
         bad = set(values) - allowed
         if bad:
-            raise ValueError(f"unknown trial fields: {sorted(bad)}")
+            raise ValueError(f"unknown {model.__tablename__} fields: {sorted(bad)}")
         dialect = self.engine.dialect.name
         if dialect == "sqlite":
             from sqlalchemy.dialects.sqlite import insert
@@ -296,24 +348,22 @@ class ResultsStore:
             from sqlalchemy.dialects.postgresql import insert
         else:  # pragma: no cover - other dialects: read-then-write in one transaction
             insert = None
-
-        defaults = {"status": "running", "epochs_done": 0, "history": []}
-        row = {**defaults, **values, "search_id": search_id, "trial_id": trial_id}
+        row = {**defaults, **values, **key}
 
         def fn(s: Session):
             if insert is None:
-                existing = s.scalars(sa.select(Trial).where(Trial.search_id == search_id, Trial.trial_id == trial_id)).first()
+                existing = s.scalars(sa.select(model).filter_by(**key)).first()
                 if existing is None:
-                    s.add(Trial(**row))
+                    s.add(model(**row))
                 else:
                     for k, v in values.items():
                         setattr(existing, k, v)
                 return
-            stmt = insert(Trial).values(**row)
+            stmt = insert(model).values(**row)
             if values:
-                stmt = stmt.on_conflict_do_update(index_elements=["search_id", "trial_id"], set_=values)
+                stmt = stmt.on_conflict_do_update(index_elements=list(key), set_=values)
             else:
-                stmt = stmt.on_conflict_do_nothing(index_elements=["search_id", "trial_id"])
+                stmt = stmt.on_conflict_do_nothing(index_elements=list(key))
             s.execute(stmt)
 
         self._write(fn)
@@ -335,6 +385,59 @@ class ResultsStore:
     def _trial(row) -> TrialRecord:
         rec = _record(TrialRecord, row)
         return TrialRecord(**{**rec.__dict__, "started_at": _aware(rec.started_at), "ended_at": _aware(rec.ended_at)})
+
+    # ------------------------------------------------------------------ scales
+
+    def create_scale(self, scale_id: str, *, search_id: str, trial_id: str, config: dict, plan: list,
+                     mlflow_run_id: str | None = None, driver: str | None = None) -> ScaleRecord:
+        def fn(s: Session):
+            row = Scale(id=scale_id, search_id=search_id, trial_id=trial_id, status="running", created_at=utcnow(),
+                        config=config, plan=plan, mlflow_run_id=mlflow_run_id, driver=driver)
+            s.add(row)
+            s.flush()
+            return self._scale(row)
+
+        return self._write(fn)
+
+    def update_scale(self, scale_id: str, **values) -> None:
+        self._update(Scale, ScaleRecord, scale_id, values)
+
+    def get_scale(self, scale_id: str) -> ScaleRecord | None:
+        with self.session() as s:
+            row = s.get(Scale, scale_id)
+            return self._scale(row) if row else None
+
+    def find_scale_by_mlflow_run(self, run_id: str) -> ScaleRecord | None:
+        with self.session() as s:
+            row = s.scalars(sa.select(Scale).where(Scale.mlflow_run_id == run_id)).first()
+            return self._scale(row) if row else None
+
+    def list_scales(self, limit: int = 100, *, search_id: str | None = None) -> list[ScaleRecord]:
+        with self.session() as s:
+            q = sa.select(Scale).order_by(Scale.created_at.desc()).limit(limit)
+            if search_id:
+                q = q.where(Scale.search_id == search_id)
+            return [self._scale(r) for r in s.scalars(q).all()]
+
+    def upsert_scale_run(self, scale_id: str, model: str, **values) -> None:
+        """One row per (scale, model), however often it is written (re-runs, resumes)."""
+        self._upsert(ScaleRun, ScaleRunRecord, {"scale_id": scale_id, "model": model},
+                     {"status": "pending", "epochs_done": 0, "history": []}, values)
+
+    def scale_runs(self, scale_id: str) -> list[ScaleRunRecord]:
+        with self.session() as s:
+            rows = s.scalars(sa.select(ScaleRun).where(ScaleRun.scale_id == scale_id).order_by(ScaleRun.phi)).all()
+            return [self._scale_run(r) for r in rows]
+
+    @staticmethod
+    def _scale(row) -> ScaleRecord:
+        rec = _record(ScaleRecord, row)
+        return ScaleRecord(**{**rec.__dict__, "created_at": _aware(rec.created_at), "finished_at": _aware(rec.finished_at)})
+
+    @staticmethod
+    def _scale_run(row) -> ScaleRunRecord:
+        rec = _record(ScaleRunRecord, row)
+        return ScaleRunRecord(**{**rec.__dict__, "started_at": _aware(rec.started_at), "ended_at": _aware(rec.ended_at)})
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
