@@ -120,6 +120,7 @@ def main():
     orch plan                      show a scaled family: repeats, channels, params, GMACs
     orch search --gpus 8           the φ=1 search as Ray Tune trials (Optuna + ASHA)
     orch scale --from-run <id>     train B1..B7 from a search's winner
+    orch ui                        compare the family in the MLflow UI
     """
 
 
@@ -277,17 +278,17 @@ def _dataset(ctx, param, value):
 # --------------------------------------------------------------------------- orch search
 
 
-class SearchProgress:
-    """Live view of a search on stderr: trials running/finished and the best so far. Without
-    a terminal (CI, pipes) it prints one line per trial event instead."""
+class LiveProgress:
+    """Live view of long work on stderr: a table redrawn in place on a terminal; without one
+    (CI, pipes) one line per change instead. Subclasses give ``render(items)`` and
+    ``line(item) -> (key, signature, text)``."""
 
-    def __init__(self, total: int | None, epochs: int):
-        self.console = stderr_console()
-        self.total, self.epochs = total, epochs
-        self.live = None
-        self._seen: dict[str, tuple] = {}
+    def __init__(self):
         import threading
 
+        self.console = stderr_console()
+        self.live = None
+        self._seen: dict[str, tuple] = {}
         self._lock = threading.Lock()
 
     def __enter__(self):
@@ -302,25 +303,37 @@ class SearchProgress:
         if self.live is not None:
             self.live.__exit__(*exc)
 
-    def update(self, state: dict) -> None:
+    def update(self, items) -> None:
         with self._lock:
-            trials = state["trials"]
             if self.live is not None:
-                self.live.update(self._render(trials))
+                self.live.update(self.render(items))
                 return
-            for t in trials:
-                sig = (t.status, t.epochs_done)
-                if self._seen.get(t.trial_id) == sig:
-                    continue
-                self._seen[t.trial_id] = sig
-                top1 = t.last("val_top1")
-                acc = f" val_top1={top1:.3f}" if top1 is not None else ""
-                reuse = f" (reused {t.reused_from})" if t.reused_from else ""
-                self.console.print(
-                    f"trial {t.trial_id} α={t.alpha:.3f} β={t.beta:.3f} γ={t.gamma:.3f} res={t.resolution} "
-                    f"epoch {t.epochs_done}/{self.epochs}{acc} {t.status}{reuse}", highlight=False)
+            for item in items:
+                key, sig, text = self.line(item)
+                if self._seen.get(key) != sig:
+                    self._seen[key] = sig
+                    self.console.print(text, highlight=False)
 
-    def _render(self, trials):
+
+class SearchProgress(LiveProgress):
+    """Trials running/finished and the best so far."""
+
+    def __init__(self, total: int | None, epochs: int):
+        super().__init__()
+        self.total, self.epochs = total, epochs
+
+    def update(self, state: dict) -> None:
+        super().update(state["trials"])
+
+    def line(self, t):
+        top1 = t.last("val_top1")
+        acc = f" val_top1={top1:.3f}" if top1 is not None else ""
+        reuse = f" (reused {t.reused_from})" if t.reused_from else ""
+        return t.trial_id, (t.status, t.epochs_done), (
+            f"trial {t.trial_id} α={t.alpha:.3f} β={t.beta:.3f} γ={t.gamma:.3f} res={t.resolution} "
+            f"epoch {t.epochs_done}/{self.epochs}{acc} {t.status}{reuse}")
+
+    def render(self, trials):
         from rich.table import Table
 
         done = [t for t in trials if t.status != "running"]
@@ -472,12 +485,267 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
         raise SystemExit(130)
 
 
+# --------------------------------------------------------------------------- orch scale
+
+
+class ScaleProgress(LiveProgress):
+    """One row per model: epoch, val top-1, status."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def line(self, m):
+        top1 = m.last("val_top1")
+        acc = f" val_top1={top1:.3f}" if top1 is not None else ""
+        note = " (finished earlier)" if m.earlier else (f": {m.error}" if m.error else "")
+        return m.name, (m.status, m.epochs_done), (
+            f"{m.name} φ={m.row['phi']:g} res={m.row['resolution']} batch={m.row['batch_size']} "
+            f"epoch {m.epochs_done}/{self.epochs}{acc} {m.status}{note}")
+
+    def render(self, models):
+        from rich.table import Table
+
+        running = sum(1 for m in models if m.status == "running")
+        done = sum(1 for m in models if m.status == "finished")
+        table = Table(title=f"{running} training, {done} of {len(models)} finished", title_justify="left")
+        for c in ("model", "φ", "res", "GMACs", "batch", "epoch", "val_top1", "status"):
+            table.add_column(c)
+        for m in models:
+            top1 = m.last("val_top1")
+            table.add_row(m.name, f"{m.row['phi']:g}", str(m.row["resolution"]), f"{m.row['gmacs']:.3f}",
+                          str(m.row["batch_size"]), f"{m.epochs_done}/{self.epochs}",
+                          f"{top1:.3f}" if top1 is not None else "-",
+                          m.status + (" (earlier)" if m.earlier else ""))
+        return table
+
+
+def _given(ctx, name: str) -> bool:
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _models_table(models: list[dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for c, j in (("model", "left"), ("φ", "right"), ("res", "right"), ("params (M)", "right"), ("GMACs", "right"),
+                 ("batch", "right"), ("lr", "right"), ("val top-1", "right"), ("time (s)", "right"), ("status", "left")):
+        table.add_column(c, justify=j)
+    for m in models:
+        table.add_row(m["name"], f"{m['phi']:g}", str(m["resolution"]), f"{m['params_m']:.2f}", f"{m['gmacs']:.3f}",
+                      str(m["batch_size"]), f"{m['lr']:.4g}",
+                      f"{m['val_top1']:.4f}" if m["val_top1"] is not None else "-",
+                      f"{m['train_s']:.0f}" if m.get("train_s") else "-",
+                      m["status"] + (" (earlier)" if m.get("done_before") else ""))
+    return table
+
+
+@main.command()
+@click.option("--from-run", "from_run", required=True, callback=_check_id, metavar="ID",
+              help="What to scale: a search id (its winner), a trial id (that candidate), a scale id (that "
+              "scale's options as defaults), the MLflow run id of any of them, or 'latest'.")
+@click.option("--phis", type=PhiList(), default=None,
+              help="φ values to train: '1-7', '1,3,5' or '0.5,1.5' (compound); 1..7 (official). Default 1-7.")
+@click.option("--mode", type=click.Choice(scaling.PLAN_MODES), default=None,
+              help="compound: depth, width, resolution = α^φ, β^φ, γ^φ of the winner. official: the shipped "
+              "B1..B7 table. Default: compound.")
+@click.option("--baseline/--no-baseline", default=None, help="Train B0 too, for comparison. Default: yes.")
+@click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=None,
+              help="Epochs per model. Default: the search's.")
+@click.option("--dataset", default=None, callback=lambda c, p, v: _dataset(c, p, v) if v else None,
+              help="'synthetic' or 'imagefolder:PATH'. Default: the search's.")
+@click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
+              help="B0's input size; the family scales from it. Default: the search's.")
+@click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=None,
+              help="B0's batch per worker; larger models derive theirs by --batch-rule. Default: the search's.")
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True, max=10.0), default=None,
+              help="B0's learning rate at --batch-size on one worker; scaled linearly with each model's "
+              "global batch. Default: the search's.")
+@click.option("--batch-rule", type=click.Choice(["sqrt-flops", "fixed"]), default=None,
+              help="sqrt-flops: batch = B0's / sqrt(FLOPs ratio), multiple of 8, at least 8 (memory grows "
+              "with the model). fixed: B0's batch for every model. Default: sqrt-flops.")
+@click.option("--gpus", type=click.FloatRange(min=0.0), default=None,
+              help="GPU budget of the scale. Default: every GPU the cluster has; 0 runs on CPU.")
+@click.option("--gpus-per-job", type=click.IntRange(min=1), default=None,
+              help="Data-parallel GPU workers per model (one GPU each). Default 1 with GPUs.")
+@click.option("--workers-per-job", type=click.IntRange(min=1, max=1024), default=None,
+              help="Without GPUs: data-parallel CPU workers (gloo) per model. Default 1.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="CPUs of each worker.")
+@click.option("--max-failures", type=click.IntRange(min=0, max=100), default=2, show_default=True,
+              help="Restarts of a job whose worker died, from its last checkpoint.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (as `orch plan` does) with each model's batch and lr; "
+              "launch nothing.")
+@experiment_option
+@home_option
+@db_url_option
+@tracking_option
+@address_option
+@json_option
+@click.pass_context
+def scale(ctx, from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpus,
+          gpus_per_job, workers_per_job, cpus_per_worker, max_failures, dry_run, experiment, home, db_url,
+          tracking_uri, address, as_json):
+    """Train the scaled family B0..Bk from a search's winning α, β, γ, one Ray Train job per model.
+
+    Each model is a data-parallel TorchTrainer run (checkpointed every epoch), launched as the
+    cluster's resources allow. Results go to the results store (scale_runs) and MLflow (a scale
+    parent run with one child per model, plan.json and an accuracy-vs-GMACs plot). Running the
+    same command again trains only what is missing.
+
+    \b
+    orch scale --from-run latest --phis 1-3          # CPU demo size
+    orch scale --from-run search-20261127-ab12cd --gpus 8 --epochs 30
+    orch scale --from-run <trial id> --mode official --phis 1-4 --dry-run
+    """
+    from orchestrator import home as home_mod
+    from orchestrator import scale as scale_mod
+    from workers.data import num_classes_of
+
+    if gpus == 0 and gpus_per_job:
+        raise click.BadParameter("needs a GPU budget; drop it or set --gpus to 1 or more", param_hint="--gpus-per-job")
+    if gpus is not None and gpus_per_job is not None and gpus_per_job > gpus:
+        raise click.BadParameter(f"{gpus_per_job} is above the --gpus budget {gpus:g}; lower it or raise --gpus",
+                                 param_hint="--gpus-per-job")
+    if gpus_per_job and workers_per_job:
+        raise click.UsageError("--workers-per-job is for CPU jobs and --gpus-per-job for GPU jobs; give one")
+    store = open_store(home, db_url)
+    try:
+        source = scale_mod.resolve_source(store, from_run)
+    except scale_mod.ScaleInputError as e:
+        raise click.BadParameter(str(e), param_hint="--from-run")
+    cfg = source.search.config or {}
+    prev = (source.scale.config or {}) if source.scale else {}
+
+    def pick(name, given, fallback):
+        return given if given is not None else prev.get(name, cfg.get(name, fallback))
+
+    dataset = pick("dataset", dataset, "synthetic")
+    same_data = dataset == cfg.get("dataset", "synthetic")
+    syn = prev.get("synthetic_size", cfg.get("synthetic_size")) if same_data else None
+    opts = scale_mod.ScaleOptions(
+        mode=mode or prev.get("mode", "compound"),
+        phis=phis if phis is not None else prev.get("phis", [float(p) for p in range(1, 8)]),
+        baseline=baseline if baseline is not None else prev.get("baseline", True),
+        epochs=pick("epochs", epochs, 3), dataset=dataset,
+        base_resolution=pick("base_resolution", base_resolution, 32 if dataset == "synthetic" else scaling.B0_RESOLUTION),
+        num_classes=num_classes_of(dataset),
+        batch_size=pick("batch_size", batch_size, 64), lr=pick("lr", lr, 0.03),
+        batch_rule=batch_rule or prev.get("batch_rule", "sqrt-flops"),
+        workers=gpus_per_job or workers_per_job or 1, seed=int(cfg.get("seed", 0)),
+        synthetic_size=tuple(syn) if syn else None,
+        gpus=gpus, gpus_per_job=gpus_per_job, workers_per_job=workers_per_job or 1, cpus_per_worker=cpus_per_worker,
+        max_failures=max_failures, experiment=experiment,
+    )
+    if source.scale and (gpus_per_job or workers_per_job) is None:
+        opts.workers = int(prev.get("workers", 1))
+    t = source.trial
+    coeffs = scaling.Coefficients(t.alpha, t.beta, t.gamma)
+    try:
+        plan = scale_mod.build_plan(opts, coeffs)
+    except scale_mod.ScaleInputError as e:
+        raise click.BadParameter(str(e), param_hint="--phis")
+    scale_id = scale_mod.scale_id_for(source, coeffs, opts)
+    err = stderr_console()
+    what = (f"{'winner ' if source.via != 'trial' else 'trial '}{t.trial_id} of {source.search.id}: "
+            f"α={t.alpha:.4f} β={t.beta:.4f} γ={t.gamma:.4f} (val_top1 {t.val_top1:.4f} at φ=1)")
+    title = f"{scale_id}: {opts.mode} plan from {what}"
+    if dry_run:
+        rows = [{k: v for k, v in r.items() if k != "spec"} for r in plan]
+        if as_json:
+            click.echo(json.dumps({"scale_id": scale_id, "search_id": source.search.id, "trial_id": t.trial_id,
+                                   "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma, "dry_run": True,
+                                   "options": opts.as_config(), "models": rows}, indent=2))
+            return
+        from orchestrator.plan import render_table
+
+        out = stdout_console()
+        out.print(render_table(rows, title))
+        out.print("per model: " + ", ".join(f"{r['name']} batch {r['batch_size']}×{r['workers']} lr {r['lr']:.4g}"
+                                            for r in rows), highlight=False)
+        out.print("dry run: nothing launched", highlight=False)
+        return
+    if source.note and not as_json:
+        err.print(source.note, highlight=False)
+
+    todo = scale_mod.pending_models(store, scale_id, plan, opts.epochs)
+    tracker = open_tracker(home, tracking_uri, experiment)
+    h = home_mod.home_dir(home)
+    home_mod.ensure_writable(h)
+    info = resources = None
+    if todo:
+        info, resources = _connect_for_jobs(err, address, opts)
+    try:
+        runner = scale_mod.ScaleRun(scale_id, source, coeffs, opts, plan, store=store, tracker=tracker)
+        err.print(f"{title}\n{len(plan) - len(todo)} of {len(plan)} models finished earlier; training "
+                  f"{', '.join(todo) or 'nothing'}"
+                  + (f" ({resources.concurrency} at once, {resources.workers} "
+                     f"{'GPU' if resources.use_gpu else 'CPU'} worker(s) each)" if resources else ""), highlight=False)
+        with ScaleProgress(opts.epochs) as progress:
+            runner.on_change = progress.update
+            try:
+                outcome = scale_mod.run_scale(runner, cluster=info, resources=resources,
+                                              storage_path=home_mod.ray_storage(h))
+            except scale_mod.ScaleInputError as e:
+                raise click.ClickException(str(e))
+            except scale_mod.ScaleFailed as e:
+                raise click.ClickException(str(e))
+    finally:
+        if info is not None:
+            from orchestrator import cluster as cluster_mod
+
+            cluster_mod.shutdown(info)
+    models = [scale_mod.model_entry(m) for m in outcome.models]
+    url = _compare_url(tracker, "http://127.0.0.1:5000", [m["mlflow_run_id"] for m in models if m["mlflow_run_id"]])
+    if as_json:
+        click.echo(json.dumps({"scale_id": outcome.scale_id, "mlflow_run_id": outcome.mlflow_run_id,
+                               "search_id": outcome.search_id, "trial_id": outcome.trial_id, "status": outcome.status,
+                               "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma, "models": models,
+                               "summary": outcome.summary, "compare_url": url}, indent=2, default=str))
+    else:
+        out = stdout_console()
+        s = outcome.summary
+        out.print(_models_table(models, f"scale {outcome.scale_id} {outcome.status}: {len(s['trained_now'])} trained "
+                                        f"now, {len(s['done_before'])} earlier, {s['wall_s']:.0f}s wall"))
+        out.print(f"compare the family in MLflow: orch ui --scale {outcome.scale_id}   (then open {url})",
+                  highlight=False)
+    if outcome.status == "interrupted":
+        raise SystemExit(130)
+
+
+def _connect_for_jobs(err, address, opts):
+    """Ray and the jobs' resources, or a click error before anything is launched."""
+    from orchestrator import cluster as cluster_mod
+
+    with err.status("starting Ray…"):
+        try:
+            info = cluster_mod.connect(address)
+        except cluster_mod.ClusterError as e:
+            raise click.BadParameter(str(e), param_hint="--address")
+    try:
+        resources = cluster_mod.plan_job_resources(info, gpus=opts.gpus, workers=opts.workers,
+                                                   cpus_per_worker=opts.cpus_per_worker,
+                                                   gpu_workers_asked=bool(opts.gpus_per_job))
+    except cluster_mod.ClusterError as e:
+        cluster_mod.shutdown(info)
+        raise click.UsageError(str(e))
+    return info, resources
+
+
+def _compare_url(tracker, base: str, run_ids: list[str]) -> str:
+    from orchestrator.tracking import compare_url
+
+    return compare_url(base, tracker.experiment_id, run_ids)
+
+
 # --------------------------------------------------------------------------- orch runs
 
 
 @main.group()
 def runs():
-    """List and show searches stored in the results store."""
+    """List and show searches and scales stored in the results store."""
 
 
 def _search_entry(s) -> dict:
@@ -487,28 +755,42 @@ def _search_entry(s) -> dict:
             "best": (s.summary or {}).get("best")}
 
 
+def _scale_entry(sc) -> dict:
+    models = (sc.summary or {}).get("models", [])
+    scored = [m for m in models if m.get("val_top1") is not None]
+    best = max(scored, key=lambda m: m["val_top1"], default=None)
+    return {"id": sc.id, "kind": "scale", "name": f"from {sc.search_id}", "status": sc.status,
+            "created_at": sc.created_at.isoformat(), "finished_at": sc.finished_at.isoformat() if sc.finished_at else None,
+            "mlflow_run_id": sc.mlflow_run_id, "search_id": sc.search_id, "trial_id": sc.trial_id,
+            "models": [p["name"] for p in sc.plan], "best": best}
+
+
 @runs.command("list")
 @click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50, show_default=True, help="Newest first.")
 @home_option
 @db_url_option
 @json_option
 def runs_list(limit, home, db_url, as_json):
-    """List searches, newest first."""
+    """List searches and scales, newest first."""
     store = open_store(home, db_url)
-    entries = [_search_entry(s) for s in store.list_searches(limit)]
+    entries = [_search_entry(s) for s in store.list_searches(limit)] + [_scale_entry(s) for s in store.list_scales(limit)]
+    entries = sorted(entries, key=lambda e: e["created_at"], reverse=True)[:limit]
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return
     from rich.table import Table
 
     table = Table()
-    for c in ("id", "kind", "name", "status", "created", "best val_top1", "best α, β, γ"):
+    for c in ("id", "kind", "name", "status", "created", "best val_top1", "best α, β, γ / model"):
         table.add_column(c)
     for e in entries:
         b = e["best"] or {}
+        if e["kind"] == "search":
+            where = f"{b['alpha']:.3f}, {b['beta']:.3f}, {b['gamma']:.3f}" if b else "-"
+        else:
+            where = f"{b['name']} of {'-'.join([e['models'][0], e['models'][-1]])}" if b else "-"
         table.add_row(e["id"], e["kind"], e["name"], e["status"], e["created_at"][:19],
-                      f"{b['val_top1']:.4f}" if b else "-",
-                      f"{b['alpha']:.3f}, {b['beta']:.3f}, {b['gamma']:.3f}" if b else "-")
+                      f"{b['val_top1']:.4f}" if b else "-", where)
     stdout_console().print(table)
 
 
@@ -518,12 +800,15 @@ def runs_list(limit, home, db_url, as_json):
 @db_url_option
 @json_option
 def runs_show(run_id, home, db_url, as_json):
-    """Show one search and its trials (by search id or its MLflow run id)."""
+    """Show one search and its trials, or one scale and its models (by id or MLflow run id)."""
     store = open_store(home, db_url)
     s = store.get_search(run_id) or store.find_search_by_mlflow_run(run_id)
     if s is None:
-        raise click.BadParameter(f"no search {run_id!r} in {store.masked_url}; see `orch runs list`",
-                                 param_hint="RUN_ID")
+        sc = store.get_scale(run_id) or store.find_scale_by_mlflow_run(run_id)
+        if sc is None:
+            raise click.BadParameter(f"no search or scale {run_id!r} in {store.masked_url}; see `orch runs list`",
+                                     param_hint="RUN_ID")
+        return _show_scale(store, sc, as_json)
     trials = store.trials(s.id)
     entry = _search_entry(s) | {"config": s.config, "summary": s.summary, "error": s.error, "trials": [
         {"trial_id": t.trial_id, "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma, "status": t.status,
@@ -550,6 +835,102 @@ def runs_show(run_id, home, db_url, as_json):
                       str(t.epochs_done), f"{t.val_top1:.4f}" if t.val_top1 is not None else "-",
                       t.status + (f" (reused {t.reused_from})" if t.reused_from else ""))
     out.print(table)
+
+
+def _show_scale(store, sc, as_json: bool) -> None:
+    runs_ = store.scale_runs(sc.id)
+    models = [{"name": r.model, "phi": r.phi, "resolution": r.resolution, "params_m": round(r.params / 1e6, 3),
+               "gmacs": r.gmacs, "batch_size": r.batch_size, "lr": r.lr, "workers": r.workers, "status": r.status,
+               "epochs_done": r.epochs_done, "val_top1": r.val_top1, "best_val_top1": r.best_val_top1,
+               "train_s": r.train_s, "images_per_s": r.images_per_s, "mlflow_run_id": r.mlflow_run_id,
+               "error": r.error, "history": r.history} for r in runs_]
+    entry = _scale_entry(sc) | {"config": sc.config, "error": sc.error, "models": models}
+    if as_json:
+        click.echo(json.dumps(entry, indent=2, default=str))
+        return
+    out = stdout_console()
+    c = sc.config
+    out.print(f"{sc.id} {sc.status}, from {sc.search_id} trial {sc.trial_id} (α={c.get('alpha'):.4f} "
+              f"β={c.get('beta'):.4f} γ={c.get('gamma'):.4f}, {c.get('mode')}), created {entry['created_at'][:19]}, "
+              f"MLflow run {sc.mlflow_run_id}", highlight=False)
+    if sc.error:
+        out.print(f"error: {sc.error}", highlight=False)
+    out.print(_models_table(models, "models"))
+
+
+# --------------------------------------------------------------------------- orch ui
+
+
+@main.command()
+@click.option("--scale", "scale_id", default=None, callback=_check_id, metavar="ID",
+              help="The scale whose models to compare (id or MLflow run id). Default: the newest scale.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind. The UI has no authentication: keep it on 127.0.0.1 unless it sits "
+              "behind an authenticating proxy.")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=5000, show_default=True, help="Port to listen on.")
+@experiment_option
+@home_option
+@db_url_option
+@tracking_option
+def ui(scale_id, host, port, experiment, home, db_url, tracking_uri):
+    """Start the MLflow UI on the tracking store and print the URL of a scale's comparison.
+
+    With a tracking server (--tracking-uri http://…) nothing is started: the URL on that server
+    is printed. Ctrl-C stops the UI.
+
+    \b
+    orch ui                          # the newest scale, on http://127.0.0.1:5000
+    orch ui --scale scale-0123abcd --port 5050
+    """
+    import subprocess
+    from urllib.parse import urlparse
+
+    from orchestrator import home as home_mod
+    from orchestrator.tracking import check_reachable, compare_url
+
+    store = open_store(home, db_url)
+    if scale_id:
+        sc = store.get_scale(scale_id) or store.find_scale_by_mlflow_run(scale_id)
+        if sc is None:
+            raise click.BadParameter(f"no scale {scale_id!r} in {store.masked_url}; see `orch runs list`",
+                                     param_hint="--scale")
+    else:
+        scales = store.list_scales(1)
+        sc = scales[0] if scales else None
+    run_ids = [r.mlflow_run_id for r in store.scale_runs(sc.id) if r.mlflow_run_id] if sc else []
+    tracker = open_tracker(home, tracking_uri, experiment)
+    uri = tracker.uri
+    if urlparse(uri).scheme in ("http", "https"):
+        click.echo(compare_url(uri, tracker.experiment_id, run_ids))
+        return
+    base = f"http://{host}:{port}"
+    h = home_mod.home_dir(home)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+           "--default-artifact-root", home_mod.artifact_root(h).resolve().as_uri(),
+           "--host", host, "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        try:
+            check_reachable(base, timeout=60)
+        except Exception:
+            proc.terminate()
+            tail = (proc.communicate(timeout=10)[1] or "").strip().splitlines()[-1:] if proc.poll() is not None else []
+            raise click.ClickException(f"the MLflow UI did not start on {base}"
+                                       + (f": {tail[0]}" if tail else "") + "; is the port taken? try --port")
+        what = f"scale {sc.id}" if sc else "the experiment (no scale yet)"
+        click.echo(f"MLflow UI on {base} (Ctrl-C stops it); {what}:")
+        click.echo(compare_url(base, tracker.experiment_id, run_ids), nl=True)
+        sys.stdout.flush()
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 # --------------------------------------------------------------------------- orch db

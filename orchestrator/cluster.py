@@ -28,6 +28,9 @@ def _quiet_env() -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray Train polls its workers this often; the default 2 s adds up to 2 s to every report
+    # and to the end of every job.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> ClusterInfo:
@@ -90,3 +93,42 @@ def plan_resources(info: ClusterInfo, *, gpus: float | None, gpus_per_trial: flo
         concurrency = max(1, int(math.floor(info.cpus / cpus_per_trial + 1e-9)))
     concurrency = min(concurrency, max(1, int(math.floor(info.cpus / cpus_per_trial + 1e-9))))
     return gpt, cpus_per_trial, concurrency
+
+
+@dataclass(frozen=True)
+class JobResources:
+    workers: int  # data-parallel workers per job
+    use_gpu: bool
+    per_worker: dict  # Ray resources of one worker
+    concurrency: int  # jobs at once
+
+
+def plan_job_resources(info: ClusterInfo, *, gpus: float | None, workers: int, cpus_per_worker: float,
+                       gpu_workers_asked: bool = False) -> JobResources:
+    """Resources of the scale's Ray Train jobs, checked against the cluster.
+
+    With a GPU budget (``gpus``; None means every GPU the cluster has) each job runs ``workers``
+    workers of one GPU each, ``budget // workers`` jobs at once; with no GPUs each job runs
+    ``workers`` CPU workers (gloo), as many jobs at once as the CPUs allow.
+    """
+    budget = info.gpus if gpus is None else gpus
+    if budget > info.gpus + 1e-9:
+        raise ClusterError(
+            f"--gpus {budget:g} asks for more GPUs than the cluster has ({info.gpus:g}); "
+            f"use --gpus {info.gpus:g} or fewer (0 runs on CPU)"
+        )
+    if 0 < budget < 1:
+        raise ClusterError(f"--gpus {budget:g}: a Ray Train worker takes a whole GPU; use --gpus 1 or more, or 0 for CPU")
+    if budget < 1 and gpu_workers_asked:
+        raise ClusterError("--gpus-per-job needs GPUs, and this cluster (or --gpus) has none; use --workers-per-job")
+    need = workers * cpus_per_worker
+    if need > info.cpus + 1e-9:
+        raise ClusterError(f"a job needs {need:g} CPUs ({workers} workers x --cpus-per-worker {cpus_per_worker:g}) "
+                           f"but the cluster has {info.cpus:g}; use fewer workers per job or lower --cpus-per-worker")
+    by_cpu = max(1, int(info.cpus // need))
+    if budget >= 1:
+        if workers > budget + 1e-9:
+            raise ClusterError(f"--gpus-per-job {workers} is above the --gpus budget {budget:g}; "
+                               f"lower it or raise --gpus")
+        return JobResources(workers, True, {"CPU": cpus_per_worker, "GPU": 1}, min(int(budget // workers), by_cpu))
+    return JobResources(workers, False, {"CPU": cpus_per_worker}, by_cpu)

@@ -6,6 +6,7 @@ through ``MlflowClient`` (no global fluent state), in batches.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -79,7 +80,10 @@ class Tracker:
         try:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
-                location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+                # A tracking server stores (or proxies) artifacts itself; a local store keeps
+                # them in the state folder rather than ./mlruns of the current directory.
+                remote = urlparse(uri).scheme in ("http", "https", "databricks")
+                location = Path(artifact_root).resolve().as_uri() if artifact_root and not remote else None
                 exp_id = self.client.create_experiment(
                     experiment,
                     artifact_location=location,
@@ -127,6 +131,10 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | os.PathLike) -> None:
         self.client.log_artifact(run_id, str(path))
 
+    def reopen(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again: a re-run continues the same run, not a second one."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=STATUS.get(status, status))
 
@@ -140,3 +148,15 @@ class Tracker:
 def _param_str(v) -> str:
     s = f"{v:.6g}" if isinstance(v, float) else str(v)
     return s[:6000]
+
+
+def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The MLflow UI's comparison of ``run_ids`` (3.x: the runs table is #/experiments/<id>/runs;
+    the comparison #/compare-runs?runs=<JSON list>&experiments=<JSON list>)."""
+    from urllib.parse import quote
+
+    if not run_ids:
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
+    exps = quote(json.dumps([str(experiment_id)], separators=(",", ":")))
+    return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}"

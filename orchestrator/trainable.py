@@ -1,5 +1,6 @@
-"""The thin Ray Tune wrapper around ``workers.train.run``, and the per-search registry of
-networks already trained (so a network is trained once per search).
+"""The thin Ray wrappers around ``workers.train.run``: the Tune function trainable of a search
+(with the per-search registry of networks already trained, so a network is trained once per
+search), and the Ray Train job of one scaled model (``fit_job``: a data-parallel TorchTrainer).
 
 Runs inside Ray workers: imports ray and the workers package, never mlflow or sqlalchemy.
 """
@@ -96,3 +97,98 @@ def trial_fn(config: dict, settings: dict) -> None:
 
     cfg = dict(settings["train"], spec=cand.spec)
     train.run(cfg, report, state=state)
+
+
+# --------------------------------------------------------------------------- scale jobs (Ray Train)
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Per-epoch reports of the scale's jobs, collected for the driver (which polls ``drain``)."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def push(self, event: dict) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+
+def _board_callback(board, model: str):
+    from ray.train.v2.api.callback import UserCallback
+
+    class BoardCallback(UserCallback):
+        """Runs in the Train controller after every report: hands every rank's metrics to the
+        board. Synchronous, so all of a job's reports are on the board before ``fit`` returns."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            ray.get(board.push.remote({"model": model, "metrics": list(metrics)}))
+
+    return BoardCallback()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: resume from the job's latest checkpoint if there is one, train, and
+    report every epoch (rank 0 with the checkpoint)."""
+    import ray.train
+    import ray.train.torch
+
+    from workers import train
+
+    rank = ray.train.get_context().get_world_rank()
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = train.load_checkpoint(d)
+
+    def report(metrics: dict, ckpt: dict) -> None:
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as d:
+            train.save_checkpoint(ckpt, d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    train.run(config["train"], report, state=state, device=ray.train.torch.get_device())
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def fit_job(model: str, train_cfg: dict, *, workers: int, use_gpu: bool, resources_per_worker: dict,
+            storage_path: str, run_name: str, board, max_failures: int) -> dict:
+    """One model as a Ray Train job. A task, so that several jobs run at once and cancelling
+    it (force) takes the job's controller and workers down with it. Never raises: returns
+    ``{"ok": bool, "error": str | None, "wall_s": float}``. A job started again under the same
+    ``run_name`` and storage continues from its latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": train_cfg},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=[_board_callback(board, model)],
+        ),
+    )
+    t0 = time.monotonic()
+    try:
+        trainer.fit()
+    except Exception as e:  # the job failed (out of retries): its reason, in one line
+        return {"ok": False, "error": job_error(e), "wall_s": time.monotonic() - t0}
+    return {"ok": True, "error": None, "wall_s": time.monotonic() - t0}
+
+
+def job_error(e: BaseException) -> str:
+    """The worker's own exception line out of Ray Train's error (which embeds tracebacks)."""
+    import re
+
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    exc = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Diverged|Interrupt)\b.*", line)]
+    return (exc[-1] if exc else (lines[0] if lines else type(e).__name__))[:2000]

@@ -4,7 +4,14 @@
 unknown keys are errors) and calls ``report(metrics, checkpoint)`` after every epoch, where
 ``checkpoint`` is a plain dict (``model``, ``optimizer``, ``epoch``, ``config``, ``history``)
 that ``save_checkpoint`` writes. A run started with ``state=`` a loaded checkpoint continues
-from the epoch after it. Torch and numpy only: the orchestrator wraps this for Ray Tune.
+from the epoch after it. Torch and numpy only: the orchestrator wraps this for Ray Tune and Ray Train.
+
+Data parallel: when ``torch.distributed`` is initialised (Ray Train's TorchTrainer does that,
+gloo on CPU, NCCL on GPU) every rank holds the whole (small) dataset, draws the same global
+permutation and takes its own slice of each global batch; the model is wrapped in DDP, so
+``batch_size`` is per rank and the global batch is ``batch_size * world``. Validation is sharded
+and summed across ranks. Each report carries this rank's ``rank``, ``world_size``, ``pid`` and
+``samples`` (images it trained on in the epoch), so a caller can check that every rank took part.
 """
 
 from __future__ import annotations
@@ -91,6 +98,24 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _dist() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(*values: torch.Tensor) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    t = torch.stack([v.float() for v in values])
+    if _dist()[1] > 1:
+        dist.all_reduce(t)
+    return list(t)
+
+
 def _normalize(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
     x = x_uint8.float().div_(255.0).sub_(0.5).div_(0.25)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -98,17 +123,21 @@ def _normalize(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, split: data_mod.Split, device, *, batch_size: int, channels_last: bool, amp) -> tuple[float, float]:
+    """Top-1 and mean loss over ``split``; with several ranks, each takes every world-th image
+    and the sums are reduced, so all ranks return the figures of the whole split."""
     model.eval()
+    rank, world = _dist()
     correct = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
-    images, labels = split.images, split.labels
-    for i in range(0, len(split), batch_size):
+    images, labels = split.images[rank::world], split.labels[rank::world]
+    for i in range(0, len(images), batch_size):
         x = _normalize(images[i:i + batch_size], channels_last)
         y = labels[i:i + batch_size]
         with amp():
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
+    correct, loss_sum = _all_sum(correct, loss_sum)
     n = len(split)
     return correct.item() / n, loss_sum.item() / n
 
@@ -153,7 +182,13 @@ def run(
         opt.load_state_dict(state["optimizer"])
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
-    fwd = torch.compile(model) if cfg["compile"] else model
+    rank, world = _dist()
+    fwd = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    fwd = torch.compile(fwd) if cfg["compile"] else fwd
 
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -161,8 +196,10 @@ def run(
     train_x = ds.train.images.to(device, non_blocking=True)
     train_y = ds.train.labels.to(device, non_blocking=True)
     val = data_mod.Split(ds.val.images.to(device), ds.val.labels.to(device))
-    n, bs = len(ds.train), min(cfg["batch_size"], len(ds.train))
-    steps_per_epoch = n // bs  # drop the ragged last batch: fixed shapes suit compile and BN
+    n = len(ds.train)
+    bs = min(cfg["batch_size"], n // world)  # per rank
+    gbs = bs * world  # global batch
+    steps_per_epoch = n // gbs  # drop the ragged last batch: fixed shapes suit compile and BN
     total = steps_per_epoch * cfg["epochs"]
     warmup = max(1, int(total * cfg["warmup_frac"]))
     pad = max(1, spec["resolution"] // 8)
@@ -170,10 +207,13 @@ def run(
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = momentum
-    gen = torch.Generator(device=device)
+    gen = torch.Generator(device=device)  # batch order: the same on every rank
+    aug = gen if world == 1 else torch.Generator(device=device)  # augmentation: per rank
 
     for epoch in range(start_epoch, cfg["epochs"]):
         gen.manual_seed(cfg["seed"] * 1000 + epoch)
+        if aug is not gen:
+            aug.manual_seed((cfg["seed"] * 1000 + epoch) * 1009 + rank)
         model.train()
         perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
@@ -184,8 +224,8 @@ def run(
             step = epoch * steps_per_epoch + s
             for group in opt.param_groups:
                 group["lr"] = cfg["lr"] * _lr_factor(step, total, warmup)
-            idx = perm[s * bs:(s + 1) * bs]
-            x = data_mod.gpu_augment(_normalize(train_x[idx], channels_last), pad=pad, flip=ds.flip, generator=gen)
+            idx = perm[s * gbs + rank * bs:s * gbs + (rank + 1) * bs]
+            x = data_mod.gpu_augment(_normalize(train_x[idx], channels_last), pad=pad, flip=ds.flip, generator=aug)
             with amp():
                 loss = F.cross_entropy(fwd(x), train_y[idx], label_smoothing=cfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
@@ -195,11 +235,13 @@ def run(
         if cuda:
             torch.cuda.synchronize()
         train_s = time.perf_counter() - t0
-        train_loss = loss_sum.item() / max(1, steps_per_epoch)
+        train_loss = _all_sum(loss_sum)[0].item() / max(1, steps_per_epoch * world)
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"train loss became {train_loss} in epoch {epoch + 1}; lower the learning rate")
         t1 = time.perf_counter()
-        val_top1, val_loss = evaluate(fwd, val, device, batch_size=max(bs, 256), channels_last=channels_last, amp=amp)
+        # Several ranks evaluate the bare module: DDP's forward would add collectives whose
+        # count depends on each rank's shard size.
+        val_top1, val_loss = evaluate(fwd if world == 1 else model, val, device, batch_size=max(bs, 256), channels_last=channels_last, amp=amp)
         eval_s = time.perf_counter() - t1
         metrics = {
             "epoch": epoch + 1,
@@ -208,10 +250,12 @@ def run(
             "train_loss": train_loss,
             "epoch_s": train_s + eval_s,
             "train_s": train_s,
-            "images_per_s": steps_per_epoch * bs / train_s,
+            "images_per_s": steps_per_epoch * gbs / train_s,
             "gmacs": cost.gmacs,
             "params_m": cost.params_m,
         }
+        if world > 1:
+            metrics |= {"rank": rank, "world_size": world, "pid": os.getpid(), "samples": steps_per_epoch * bs}
         history.append(metrics)
         ckpt = {
             "model": model.state_dict(),

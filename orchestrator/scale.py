@@ -1,0 +1,554 @@
+"""`orch scale`: the family B0..Bk from a stored search, one Ray Train job per model.
+
+The pieces, in order: ``resolve_source`` (which search/trial to scale), ``build_plan`` (the
+measured plan plus each model's batch size and learning rate), ``scale_id_for`` (a scale is
+identified by what it trains, so running the same command again continues it instead of
+starting over), and ``run_scale`` (the jobs, the results store and MLflow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from orchestrator import scaling
+
+#: The per-model batch rule: activation memory grows about with FLOPs per image, and the
+#: reference runs (B0 bs256, B3 bs128, B5 bs48 on one H100) shrink the batch about as the
+#: square root of it. lr follows the global batch linearly (Goyal et al., 2017).
+BATCH_RULES = ("sqrt-flops", "fixed")
+#: Never shrink below this per worker (BN statistics get noisy under it).
+MIN_BATCH = 8
+#: How often the driver collects the jobs' reports (seconds).
+POLL_S = 0.5
+#: Metrics every model's MLflow run carries, so the compare view lines them up.
+EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s")
+FINAL_METRICS = ("val_top1_final", "best_val_top1", "train_s", "images_per_s_mean", "gmacs", "params_m", "flops_ratio")
+
+
+class ScaleInputError(ValueError):
+    """The source or the plan cannot be scaled; the message says why and what to do."""
+
+
+class ScaleFailed(Exception):
+    def __init__(self, scale_id: str, reason: str):
+        super().__init__(f"scale {scale_id} failed: {reason}")
+        self.scale_id, self.reason = scale_id, reason
+
+
+# --------------------------------------------------------------------------- the source
+
+
+@dataclass(frozen=True)
+class Source:
+    """What is scaled: a search's winner, or one trial of it; ``scale`` when the id given was
+    an earlier scale (then its options are the defaults)."""
+
+    search: object  # SearchRecord
+    trial: object  # TrialRecord
+    via: str  # search | trial | scale
+    scale: object | None = None  # ScaleRecord
+    note: str | None = None
+
+
+ACCEPTED = ("a search id, a scale id, a trial id, the MLflow run id of any of them, or 'latest' "
+            "(see `orch runs list`)")
+
+
+def resolve_source(store, ref: str) -> Source:
+    """Find what ``--from-run`` names. Raises ScaleInputError with the reason otherwise."""
+    if ref == "latest":
+        for s in store.list_searches(1000):
+            if s.status in ("finished", "interrupted") and s.best_trial_id:
+                return _from_search(store, s, "search")
+        raise ScaleInputError(f"no finished search in {store.masked_url}; run `orch search` first")
+    s = store.get_search(ref) or store.find_search_by_mlflow_run(ref)
+    if s is not None:
+        return _from_search(store, s, "search")
+    sc = store.get_scale(ref) or store.find_scale_by_mlflow_run(ref)
+    if sc is not None:
+        search = store.get_search(sc.search_id)
+        trial = next((t for t in store.trials(search.id) if t.trial_id == sc.trial_id), None)
+        return Source(search, trial, "scale", scale=sc)
+    t = store.get_trial(ref)
+    if t is not None:
+        search = store.get_search(t.search_id)
+        if search.status == "running":
+            raise ScaleInputError(f"trial {ref}'s search {search.id} is still running; wait for it to end")
+        if t.status not in ("finished", "stopped") or t.val_top1 is None:
+            raise ScaleInputError(f"trial {ref} is {t.status}{': ' + t.error if t.error else ''}; "
+                                  f"scale a trial that trained (see `orch runs show {search.id}`)")
+        return Source(search, t, "trial")
+    raise ScaleInputError(f"no search, scale or trial {ref!r} in {store.masked_url}; --from-run takes {ACCEPTED}")
+
+
+def _from_search(store, s, via: str) -> Source:
+    if s.status == "running":
+        raise ScaleInputError(f"search {s.id} is still running; wait for it to finish, then scale it")
+    if s.status == "failed":
+        raise ScaleInputError(f"search {s.id} failed ({s.error or 'no reason recorded'}); scale a finished search, "
+                              f"or one of its trials by trial id (see `orch runs show {s.id}`)")
+    if not s.best_trial_id:
+        raise ScaleInputError(f"search {s.id} has no finished trial to scale; run a longer search")
+    trial = next((t for t in store.trials(s.id) if t.trial_id == s.best_trial_id), None)
+    if trial is None:
+        raise ScaleInputError(f"search {s.id} names winner {s.best_trial_id}, which is not in the store")
+    note = f"search {s.id} was interrupted; scaling its best finished trial" if s.status == "interrupted" else None
+    return Source(s, trial, via, note=note)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class ScaleOptions:
+    mode: str = "compound"
+    phis: list = field(default_factory=lambda: [float(p) for p in range(1, 8)])
+    baseline: bool = True
+    epochs: int = 3
+    dataset: str = "synthetic"
+    base_resolution: int = 32
+    num_classes: int = 10
+    batch_size: int = 64  # B0's per-worker batch; the rule derives the others
+    lr: float = 0.03  # B0's learning rate at batch_size on one worker
+    batch_rule: str = "sqrt-flops"
+    workers: int = 1  # data-parallel workers per job
+    seed: int = 0
+    synthetic_size: tuple | None = None
+    # how it runs, not what it trains (kept out of the scale id):
+    gpus: float | None = None
+    gpus_per_job: int | None = None
+    workers_per_job: int = 1
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    experiment: str = "compound-scaling"
+
+    IDENTITY = ("mode", "phis", "baseline", "epochs", "dataset", "base_resolution", "num_classes", "batch_size",
+                "lr", "batch_rule", "workers", "seed", "synthetic_size")
+
+    def as_config(self) -> dict:
+        d = asdict(self)
+        d["synthetic_size"] = list(self.synthetic_size) if self.synthetic_size else None
+        return d
+
+
+def batch_and_lr(flops_ratio: float, *, base_batch: int, base_lr: float, workers: int, rule: str) -> tuple[int, float]:
+    """(per-worker batch, learning rate) of a model ``flops_ratio`` times B0's FLOPs.
+
+    ``sqrt-flops``: batch = base / sqrt(ratio), down to a multiple of 8, never above the base nor
+    below 8 (or the base, if that is smaller); ``fixed``: the base batch for every model. Either
+    way lr = base_lr x global batch / base batch (the linear rule), global = batch x workers.
+    """
+    if rule not in BATCH_RULES:
+        raise ValueError(f"unknown batch rule {rule!r}; use one of {', '.join(BATCH_RULES)}")
+    batch = base_batch
+    if rule == "sqrt-flops" and flops_ratio > 1:
+        b = base_batch / math.sqrt(flops_ratio)
+        batch = int(b // 8 * 8) if b >= 8 else int(b)
+        batch = max(min(MIN_BATCH, base_batch), min(base_batch, batch))
+    return batch, base_lr * batch * workers / base_batch
+
+
+def plan_entries(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[scaling.PlanEntry]:
+    if opts.mode == "official":
+        bad = [p for p in opts.phis if p != int(p) or p > 7]
+        if bad:
+            raise ScaleInputError(f"--mode official has B1..B7 only; --phis {bad[0]:g} is not one of 1..7")
+        return scaling.official_plan(base_resolution=opts.base_resolution, num_classes=opts.num_classes,
+                                     names=[f"B{int(p)}" for p in opts.phis], baseline=opts.baseline)
+    return scaling.compound_plan(coeffs, opts.phis, base_resolution=opts.base_resolution,
+                                 num_classes=opts.num_classes, baseline=opts.baseline)
+
+
+def build_plan(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[dict]:
+    """The measured plan (the rows of `orch plan`), each with its batch size, lr and spec."""
+    from orchestrator.plan import measure_entries
+
+    entries = plan_entries(opts, coeffs)
+    if not entries:
+        raise ScaleInputError("the plan is empty: give --phis or drop --no-baseline")
+    rows = measure_entries(entries, base_resolution=opts.base_resolution, num_classes=opts.num_classes)
+    for row, entry in zip(rows, entries):
+        batch, lr = batch_and_lr(row["flops_ratio"], base_batch=opts.batch_size, base_lr=opts.lr,
+                                 workers=opts.workers, rule=opts.batch_rule)
+        row.update(batch_size=batch, lr=round(lr, 6), workers=opts.workers, spec=entry.spec)
+    return rows
+
+
+def scale_id_for(source: Source, coeffs: scaling.Coefficients, opts: ScaleOptions) -> str:
+    """A scale is named by what it trains: the same source, coefficients and plan options give
+    the same id, so running the command again continues that scale."""
+    ident = {k: getattr(opts, k) for k in ScaleOptions.IDENTITY}
+    ident["synthetic_size"] = list(opts.synthetic_size) if opts.synthetic_size else None
+    ident |= {"search": source.search.id, "trial": source.trial.trial_id,
+              "coefficients": [coeffs.alpha, coeffs.beta, coeffs.gamma]}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return f"scale-{digest[:12]}"
+
+
+# --------------------------------------------------------------------------- running it
+
+
+@dataclass
+class ModelState:
+    row: dict  # the plan row
+    status: str = "pending"  # pending | running | finished | failed | interrupted | done-before
+    history: dict = field(default_factory=dict)  # epoch -> metrics
+    run_id: str | None = None
+    error: str | None = None
+    started_at: object = None
+    ended_at: object = None
+    wall_s: float | None = None
+    earlier: bool = False  # finished by an earlier run of this scale
+
+    @property
+    def name(self) -> str:
+        return self.row["name"]
+
+    @property
+    def epochs_done(self) -> int:
+        return max(self.history, default=0)
+
+    def last(self, key: str):
+        return self.history[self.epochs_done].get(key) if self.history else None
+
+
+@dataclass
+class ScaleOutcome:
+    scale_id: str
+    mlflow_run_id: str
+    search_id: str
+    trial_id: str
+    status: str
+    models: list[ModelState]
+    summary: dict
+
+
+def _driver() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def driver_alive(driver: str | None) -> bool:
+    """Whether ``host:pid`` names a live process on this host (another `orch scale`)."""
+    if not driver or ":" not in driver:
+        return False
+    host, _, pid = driver.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ScaleRun:
+    """The driver of one scale: launches jobs as resources allow, collects their reports, and
+    writes the store and MLflow from this one thread."""
+
+    def __init__(self, scale_id: str, source: Source, coeffs: scaling.Coefficients, opts: ScaleOptions,
+                 plan: list[dict], *, store, tracker, on_change: Callable[[list], None] | None = None):
+        self.scale_id, self.source, self.coeffs, self.opts, self.plan = scale_id, source, coeffs, opts, plan
+        self.store, self.tracker, self.on_change = store, tracker, on_change
+        self.models = [ModelState(row) for row in plan]
+        self.parent: str | None = None
+
+    # -- setup: the scale's row and parent run, and what earlier runs already trained
+    def open(self) -> None:
+        existing = self.store.get_scale(self.scale_id)
+        config = self.opts.as_config() | {"alpha": self.coeffs.alpha, "beta": self.coeffs.beta,
+                                          "gamma": self.coeffs.gamma, "search_id": self.source.search.id,
+                                          "trial_id": self.source.trial.trial_id}
+        plan_rows = [{k: v for k, v in r.items() if k != "spec"} for r in self.plan]
+        if existing is None:
+            self.parent = self.tracker.start_run(
+                self.scale_id,
+                params={k: v for k, v in config.items() if v is not None and k != "phis"}
+                | {"phis": ",".join(f"{p:g}" for p in self.opts.phis)},
+                tags={"orch.kind": "scale", "orch.scale_id": self.scale_id, "orch.search_id": self.source.search.id,
+                      "orch.trial_id": self.source.trial.trial_id,
+                      "orch.search_run_id": self.source.search.mlflow_run_id or ""},
+            )
+            self.store.create_scale(self.scale_id, search_id=self.source.search.id,
+                                    trial_id=self.source.trial.trial_id, config=config, plan=plan_rows,
+                                    mlflow_run_id=self.parent, driver=_driver())
+        else:
+            if existing.status == "running" and driver_alive(existing.driver):
+                raise ScaleInputError(f"scale {self.scale_id} is being run by process {existing.driver}; "
+                                      f"wait for it, or stop it first")
+            self.parent = existing.mlflow_run_id
+            self.tracker.reopen(self.parent)
+            self.store.update_scale(self.scale_id, status="running", finished_at=None, error=None,
+                                    driver=_driver(), plan=plan_rows)
+        done = {r.model: r for r in self.store.scale_runs(self.scale_id)}
+        for m in self.models:
+            prev = done.get(m.name)
+            if prev is None:
+                continue
+            m.history = {int(h["epoch"]): h for h in prev.history}
+            m.run_id = prev.mlflow_run_id
+            m.started_at = prev.started_at
+            if prev.status == "finished" and prev.epochs_done >= self.opts.epochs:
+                m.status, m.earlier, m.ended_at = "finished", True, prev.ended_at
+        self._changed()
+
+    @property
+    def pending(self) -> list[ModelState]:
+        return [m for m in self.models if m.status != "finished"]
+
+    # -- the jobs
+    def run(self, *, cluster, resources, storage_path: Path) -> None:
+        import ray
+
+        from orchestrator.trainable import ProgressBoard, fit_job
+
+        board = ProgressBoard.remote()
+        queue = list(self.pending)
+        in_flight: dict = {}  # ObjectRef -> ModelState
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < resources.concurrency:
+                    m = queue.pop(0)
+                    ref = fit_job.remote(
+                        m.name, self._train_cfg(m), workers=resources.workers, use_gpu=resources.use_gpu,
+                        resources_per_worker=resources.per_worker, storage_path=str(storage_path.resolve()),
+                        run_name=f"{self.scale_id}-{m.name}", board=board, max_failures=self.opts.max_failures)
+                    in_flight[ref] = m
+                    self._start(m)
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
+                self._apply(ray.get(board.drain.remote()))
+                for ref in ready:
+                    m = in_flight.pop(ref)
+                    self._apply(ray.get(board.drain.remote()))  # every report of the job is on the board
+                    self._end(m, ray.get(ref))
+        except BaseException:
+            for ref, m in in_flight.items():
+                ray.cancel(ref, force=True)
+            try:
+                self._apply(ray.get(board.drain.remote(), timeout=5))
+            except Exception:
+                pass
+            for m in in_flight.values():
+                self._stop(m, "interrupted", "the scale stopped before this model finished")
+            raise
+        finally:
+            try:
+                ray.kill(board)
+            except Exception:
+                pass
+
+    def _train_cfg(self, m: ModelState) -> dict:
+        o = self.opts
+        return {"spec": m.row["spec"], "dataset": o.dataset, "epochs": o.epochs, "batch_size": m.row["batch_size"],
+                "lr": m.row["lr"], "seed": o.seed, "data_seed": o.seed,
+                "synthetic_size": list(o.synthetic_size) if o.synthetic_size else None}
+
+    def _start(self, m: ModelState) -> None:
+        r = m.row
+        m.status, m.error, m.started_at = "running", None, m.started_at or _now()
+        if m.run_id is None:
+            m.run_id = self.tracker.start_run(
+                m.name, parent_id=self.parent,
+                params={"phi": r["phi"], "alpha": self.coeffs.alpha, "beta": self.coeffs.beta,
+                        "gamma": self.coeffs.gamma, "depth_mult": r["depth_mult"], "width_mult": r["width_mult"],
+                        "resolution": r["resolution"], "batch_size": r["batch_size"], "lr": r["lr"],
+                        "workers": r["workers"], "network_key": r["network_key"], "dataset": self.opts.dataset,
+                        "epochs": self.opts.epochs, "seed": self.opts.seed, "mode": self.opts.mode,
+                        "scale_id": self.scale_id, "search_id": self.source.search.id},
+                tags={"orch.kind": "model", "orch.scale_id": self.scale_id, "orch.model": m.name},
+            )
+            self.tracker.log(m.run_id, [("gmacs", r["gmacs"], 0), ("params_m", r["params_m"], 0),
+                                        ("flops_ratio", r["flops_ratio"], 0)])
+        else:  # a re-run continues the model's run
+            self.tracker.reopen(m.run_id)
+        self._write(m)
+        self._changed()
+
+    def _apply(self, events: list[dict]) -> None:
+        touched: dict[str, list] = {}
+        for ev in events:
+            m = next(x for x in self.models if x.name == ev["model"])
+            ranks = ev["metrics"]
+            head = dict(ranks[0])
+            for k in ("rank", "pid", "samples", "world_size"):
+                head.pop(k, None)
+            if len(ranks) > 1:
+                head["ranks"] = [{"rank": r.get("rank"), "pid": r.get("pid"), "samples": r.get("samples")} for r in ranks]
+            epoch = int(head["epoch"])
+            m.history[epoch] = head
+            touched.setdefault(m.name, []).append(head)
+        for name, new in touched.items():
+            m = next(x for x in self.models if x.name == name)
+            self.tracker.log(m.run_id, [(k, h[k], int(h["epoch"])) for h in new for k in EPOCH_METRICS if k in h])
+            self._write(m)
+        if touched:
+            self._changed()
+
+    def _end(self, m: ModelState, result: dict) -> None:
+        m.wall_s = result.get("wall_s")
+        if not result["ok"]:
+            self._stop(m, "failed", result["error"])
+            return
+        if m.epochs_done < self.opts.epochs:
+            self._stop(m, "failed", f"the job ended after {m.epochs_done} of {self.opts.epochs} epochs")
+            return
+        m.status, m.ended_at = "finished", _now()
+        hist = [m.history[e] for e in sorted(m.history)]
+        tops = [h["val_top1"] for h in hist]
+        ips = [h["images_per_s"] for h in hist if "images_per_s" in h]
+        self.tracker.log(m.run_id, [("val_top1_final", tops[-1], m.epochs_done), ("best_val_top1", max(tops), m.epochs_done),
+                                    ("train_s", sum(h.get("train_s", 0.0) for h in hist), m.epochs_done),
+                                    ("images_per_s_mean", sum(ips) / len(ips) if ips else None, m.epochs_done)],
+                         tags={"orch.status": "finished"})
+        self.tracker.end(m.run_id, "finished")
+        self._write(m)
+        self._changed()
+
+    def _stop(self, m: ModelState, status: str, error: str) -> None:
+        m.status, m.error, m.ended_at = status, error, _now()
+        if m.run_id:
+            self.tracker.log(m.run_id, tags={"orch.status": status, "orch.error": (error or "")[:5000]})
+            self.tracker.end(m.run_id, status)
+        self._write(m)
+        self._changed()
+
+    def _write(self, m: ModelState) -> None:
+        r = m.row
+        hist = [m.history[e] for e in sorted(m.history)]
+        tops = [h["val_top1"] for h in hist if "val_top1" in h]
+        self.store.upsert_scale_run(
+            self.scale_id, m.name, phi=r["phi"], depth_mult=r["depth_mult"], width_mult=r["width_mult"],
+            resolution=r["resolution"], network_key=r["network_key"], params=r["params"], gmacs=r["gmacs"],
+            batch_size=r["batch_size"], lr=r["lr"], workers=r["workers"], status=m.status,
+            epochs_done=m.epochs_done, val_top1=tops[-1] if tops else None, best_val_top1=max(tops) if tops else None,
+            train_loss=m.last("train_loss"), train_s=sum(h.get("train_s", 0.0) for h in hist) if hist else None,
+            images_per_s=m.last("images_per_s"), history=hist, mlflow_run_id=m.run_id, error=m.error,
+            started_at=m.started_at, ended_at=m.ended_at)
+
+    def _changed(self) -> None:
+        if self.on_change:
+            self.on_change(self.models)
+
+    # -- the end: summary, plot, plan.json, statuses
+    def close(self, *, interrupted: bool, wall_s: float, error: str | None = None) -> ScaleOutcome:
+        for m in self.models:
+            if m.status in ("pending", "running"):
+                self._stop(m, "interrupted" if interrupted else "failed",
+                           error or "the scale stopped before this model finished")
+        failed = [m for m in self.models if m.status == "failed"]
+        if interrupted:
+            status = "interrupted"
+        elif failed or error:
+            status = "failed"
+            error = error or "; ".join(f"{m.name}: {m.error}" for m in failed)
+        else:
+            status = "finished"
+        finished = [m for m in self.models if m.status == "finished"]
+        summary = {
+            "error": error,
+            "wall_s": round(wall_s, 3),
+            "n_models": len(self.models),
+            "trained_now": [m.name for m in finished if not m.earlier],
+            "done_before": [m.name for m in finished if m.earlier],
+            "by_status": {s: sum(1 for m in self.models if m.status == s) for s in sorted({m.status for m in self.models})},
+            "models": [model_entry(m) for m in self.models],
+        }
+        self.tracker.log_text(self.parent, json.dumps(
+            {"scale_id": self.scale_id, "search_id": self.source.search.id, "trial_id": self.source.trial.trial_id,
+             "alpha": self.coeffs.alpha, "beta": self.coeffs.beta, "gamma": self.coeffs.gamma,
+             "options": self.opts.as_config(),
+             "models": [{k: v for k, v in r.items() if k != "spec"} | {"spec": r["spec"]} for r in self.plan]},
+            indent=2), "plan.json")
+        if finished:
+            self._log_plot(finished)
+        self.tracker.log(self.parent, [("wall_s", wall_s, 0), ("models_finished", len(finished), 0)]
+                         + [(f"val_top1_{m.name}", m.last("val_top1"), 0) for m in finished],
+                         tags={"orch.status": status})
+        self.tracker.end(self.parent, status)
+        self.store.update_scale(self.scale_id, status=status, finished_at=_now(), summary=summary, error=error)
+        return ScaleOutcome(self.scale_id, self.parent, self.source.search.id, self.source.trial.trial_id, status,
+                            self.models, summary)
+
+    def _log_plot(self, finished: list[ModelState]) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="orch-plot-") as d:
+            path = Path(d) / "family.png"
+            plot_family([(m.name, m.row["gmacs"], m.last("val_top1")) for m in finished], path,
+                        title=f"{self.scale_id}: α={self.coeffs.alpha:.3f} β={self.coeffs.beta:.3f} "
+                              f"γ={self.coeffs.gamma:.3f} ({self.opts.mode})")
+            self.tracker.log_artifact(self.parent, path)
+
+
+def model_entry(m: ModelState) -> dict:
+    r = m.row
+    return {"name": m.name, "phi": r["phi"], "resolution": r["resolution"], "params_m": r["params_m"],
+            "gmacs": r["gmacs"], "batch_size": r["batch_size"], "lr": r["lr"], "workers": r["workers"],
+            "val_top1": m.last("val_top1"), "epochs_done": m.epochs_done, "status": m.status,
+            "done_before": m.earlier, "train_s": round(sum(h.get("train_s", 0.0) for h in m.history.values()), 3),
+            "mlflow_run_id": m.run_id, "error": m.error}
+
+
+def plot_family(points: list[tuple[str, float, float]], path: Path, *, title: str) -> Path:
+    """Accuracy against GMACs, log-scaled FLOPs axis, each point labelled with its model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    pts = sorted(points, key=lambda p: p[1])
+    ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", color="tab:blue")
+    for name, x, y in pts:
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("GMACs per image (log scale)")
+    ax.set_ylabel("validation top-1")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_scale(runner: ScaleRun, *, cluster=None, resources=None, storage_path: Path) -> ScaleOutcome:
+    """Open the scale, train what is missing, close it. ``cluster``/``resources`` are needed
+    only when something is missing (the caller connects to Ray then). Ctrl-C ends every open
+    run KILLED and the scale ``interrupted``; the checkpoints stay, so running the same command
+    again continues each model from its last epoch."""
+    runner.open()
+    t0 = time.monotonic()
+    interrupted, error = False, None
+    try:
+        if runner.pending:
+            runner.run(cluster=cluster, resources=resources, storage_path=storage_path)
+    except KeyboardInterrupt:
+        interrupted = True
+    except Exception as e:
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    outcome = runner.close(interrupted=interrupted, wall_s=time.monotonic() - t0, error=error)
+    if outcome.status == "failed":
+        raise ScaleFailed(runner.scale_id, outcome.summary.get("error") or error or "a model failed")
+    return outcome
+
+
+def pending_models(store, scale_id: str, plan: list[dict], epochs: int) -> list[str]:
+    """The plan's models an earlier run of this scale has not finished."""
+    done = {r.model for r in store.scale_runs(scale_id) if r.status == "finished" and r.epochs_done >= epochs}
+    return [r["name"] for r in plan if r["name"] not in done]
+
+
+def _now():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
