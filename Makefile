@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The search, then the family B0..B3 from its winner (a short φ list: this runs on 2 CPU cores).
 demo: venv
 	$(ORCH) search --trials 8 --epochs 3
+	$(ORCH) scale --from-run latest --phis 1-3
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

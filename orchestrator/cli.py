@@ -278,6 +278,15 @@ def _dataset(ctx, param, value):
 # --------------------------------------------------------------------------- orch search
 
 
+def results_only_stdout():
+    """While work runs, anything written to stdout goes to stderr: Ray prints raylet warnings
+    and libraries print chatter to stdout, which would corrupt `--json` output and pipes.
+    orch's own results are printed after this block."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 class LiveProgress:
     """Live view of long work on stderr: a table redrawn in place on a terminal; without one
     (CI, pipes) one line per change instead. Subclasses give ``render(items)`` and
@@ -456,7 +465,7 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
                       f"(its images are 64px; pass --base-resolution to change)", highlight=False)
         err.print(f"search {search_id}: {space_kind} space, {info.cpus:g} CPUs / {info.gpus:g} GPUs, "
                   f"store {store.masked_url}", highlight=False)
-        with SearchProgress(trials or (None if space_kind == "grid" else 16), epochs) as progress:
+        with results_only_stdout(), SearchProgress(trials or (None if space_kind == "grid" else 16), epochs) as progress:
             try:
                 outcome = run_search(opts, store=store, tracker=tracker, cluster=info,
                                      storage_path=home_mod.ray_storage(h), on_change=progress.update,
@@ -683,7 +692,7 @@ def scale(ctx, from_run, phis, mode, baseline, epochs, dataset, base_resolution,
                   f"{', '.join(todo) or 'nothing'}"
                   + (f" ({resources.concurrency} at once, {resources.workers} "
                      f"{'GPU' if resources.use_gpu else 'CPU'} worker(s) each)" if resources else ""), highlight=False)
-        with ScaleProgress(opts.epochs) as progress:
+        with results_only_stdout(), ScaleProgress(opts.epochs) as progress:
             runner.on_change = progress.update
             try:
                 outcome = scale_mod.run_scale(runner, cluster=info, resources=resources,

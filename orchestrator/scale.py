@@ -66,7 +66,7 @@ def resolve_source(store, ref: str) -> Source:
     """Find what ``--from-run`` names. Raises ScaleInputError with the reason otherwise."""
     if ref == "latest":
         for s in store.list_searches(1000):
-            if s.status in ("finished", "interrupted") and s.best_trial_id:
+            if s.status == "finished" and s.best_trial_id:
                 return _from_search(store, s, "search")
         raise ScaleInputError(f"no finished search in {store.masked_url}; run `orch search` first")
     s = store.get_search(ref) or store.find_search_by_mlflow_run(ref)

@@ -65,6 +65,9 @@ class Tracker:
         # Bounded waits against a remote server instead of MLflow's long default retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        # Against a tracking server, MlflowClient.set_terminated writes "View run ... at" lines to
+        # stdout, which would corrupt `--json` output; orch prints its own links.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         check_reachable(uri)
         import logging
 
