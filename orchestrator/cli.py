@@ -917,15 +917,26 @@ def ui(scale_id, host, port, experiment, home, db_url, tracking_uri):
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", home_mod.artifact_root(h).resolve().as_uri(),
            "--host", host, "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import tempfile
+    import time
+
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        try:
-            check_reachable(base, timeout=60)
-        except Exception:
-            proc.terminate()
-            tail = (proc.communicate(timeout=10)[1] or "").strip().splitlines()[-1:] if proc.poll() is not None else []
-            raise click.ClickException(f"the MLflow UI did not start on {base}"
-                                       + (f": {tail[0]}" if tail else "") + "; is the port taken? try --port")
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:  # it exited: say why (the last line it printed)
+                log.seek(0)
+                lines = [ln.strip() for ln in log.read().splitlines() if ln.strip()]
+                why = next((ln for ln in reversed(lines) if "address already in use" in ln.lower()), lines[-1] if lines else "")
+                raise click.ClickException(f"the MLflow UI did not start on {base}: {why[:300]}; "
+                                           f"if the port is taken, pick another with --port")
+            try:
+                check_reachable(base, timeout=1)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"the MLflow UI did not answer on {base} within 90s; see --port")
         what = f"scale {sc.id}" if sc else "the experiment (no scale yet)"
         click.echo(f"MLflow UI on {base} (Ctrl-C stops it); {what}:")
         click.echo(compare_url(base, tracker.experiment_id, run_ids), nl=True)
@@ -940,6 +951,7 @@ def ui(scale_id, host, port, experiment, home, db_url, tracking_uri):
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        log.close()
 
 
 # --------------------------------------------------------------------------- orch db

@@ -51,6 +51,7 @@ class SearchOptions:
     max_failures: int = 2
     experiment: str = "compound-scaling"
     synthetic_size: tuple[int, int] | None = None
+    work_s: float | None = None  # benchmarks only: each trial waits this long instead of training
     extra: dict = field(default_factory=dict)
 
     def as_config(self) -> dict:
@@ -304,7 +305,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: Pa
     sink = Sink(store, tracker, search_id, parent, opts, b0.macs, registry, on_change)
     settings = {
         "search_id": search_id, "base_resolution": opts.base_resolution, "num_classes": opts.num_classes,
-        "dedupe": True,
+        "dedupe": not opts.work_s, "work_s": opts.work_s,
         "train": {"dataset": opts.dataset, "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
                   "seed": opts.seed, "data_seed": opts.seed, "synthetic_size": opts.synthetic_size},
     }

@@ -1,0 +1,104 @@
+"""`orch ui` (a real MLflow UI process on loopback, stopped with a real SIGINT) and `orch runs`
+with scales. The store rows are written through the real ResultsStore."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from urllib.parse import unquote
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.store import ResultsStore
+from tests.conftest import _free_port
+
+ROW = dict(depth_mult=1.2, width_mult=1.1, resolution=40, network_key="k", params=4_000_000, gmacs=0.02,
+           batch_size=32, lr=0.015, workers=1, status="finished", epochs_done=1)
+
+
+@pytest.fixture
+def scaled(home):
+    st = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+    st.create_search("s1", "one", {"epochs": 1})
+    st.update_search("s1", status="finished")
+    st.create_scale("scale-abc", search_id="s1", trial_id="t1",
+                    config={"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "mode": "compound"},
+                    plan=[{"name": "B0"}, {"name": "B1"}], mlflow_run_id="parent-run")
+    st.upsert_scale_run("scale-abc", "B0", phi=0.0, **ROW, val_top1=0.4, mlflow_run_id="run-b0")
+    st.upsert_scale_run("scale-abc", "B1", phi=1.0, **ROW, val_top1=0.5, mlflow_run_id="run-b1")
+    st.update_scale("scale-abc", status="finished",
+                    summary={"models": [{"name": "B0", "val_top1": 0.4}, {"name": "B1", "val_top1": 0.5}]})
+    yield st
+    st.close()
+
+
+def test_runs_list_and_show_include_scales(scaled):
+    res = CliRunner().invoke(main, ["runs", "list", "--json"])
+    entries = json.loads(res.stdout)
+    assert {(e["id"], e["kind"]) for e in entries} == {("s1", "search"), ("scale-abc", "scale")}
+    scale = next(e for e in entries if e["kind"] == "scale")
+    assert scale["best"]["name"] == "B1" and scale["search_id"] == "s1"
+    res = CliRunner().invoke(main, ["runs", "show", "parent-run", "--json"])  # by the scale's MLflow run id
+    shown = json.loads(res.stdout)
+    assert shown["id"] == "scale-abc" and [m["name"] for m in shown["models"]] == ["B0", "B1"]
+    res = CliRunner().invoke(main, ["runs", "show", "scale-abc"])
+    assert res.exit_code == 0 and "B1" in res.output and "finished" in res.output
+    res = CliRunner().invoke(main, ["runs", "show", "nothing-here"])
+    assert res.exit_code == 2 and "no search or scale 'nothing-here'" in res.output
+
+
+def test_ui_serves_on_loopback_and_prints_the_comparison(scaled, home):
+    port = _free_port()
+    env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while len(lines) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()[-2000:]
+            if line:
+                lines.append(line.strip())
+        assert lines[0].startswith(f"MLflow UI on http://127.0.0.1:{port}") and "scale scale-abc" in lines[0]
+        url = lines[1]
+        assert url.startswith(f"http://127.0.0.1:{port}/#/compare-runs?runs=")
+        assert json.loads(unquote(url.split("runs=")[1].split("&")[0])) == ["run-b0", "run-b1"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+                                    f"?experiment_name=compound-scaling", timeout=10) as r:
+            assert json.loads(r.read())["experiment"]["name"] == "compound-scaling"
+        proc.send_signal(signal.SIGINT)  # Ctrl-C stops the UI and its server
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3)
+
+
+def test_ui_with_a_tracking_server_only_prints_the_url(scaled, mlflow_server):
+    res = CliRunner().invoke(main, ["ui", "--tracking-uri", mlflow_server])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().startswith(f"{mlflow_server}/#/compare-runs?runs=")
+
+
+def test_ui_unknown_scale_and_taken_port(scaled, home):
+    import socket
+
+    res = CliRunner().invoke(main, ["ui", "--scale", "scale-nope"])
+    assert res.exit_code == 2 and "no scale 'scale-nope'" in res.output
+    res = CliRunner().invoke(main, ["ui", "--scale", "../x"])
+    assert res.exit_code == 2 and "is not an id" in res.output
+    with socket.socket() as busy:  # something else holds the port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(main, ["ui", "--port", str(port)])
+    assert res.exit_code == 1 and "did not start" in res.output and "--port" in res.output
+    assert "Traceback" not in res.output
