@@ -99,7 +99,7 @@ def test_more_gpus_than_the_cluster_has(ray_session, home):
 
 def test_runs_show_unknown_and_malformed_ids(home):
     res = CliRunner().invoke(main, ["runs", "show", "search-nope"])
-    assert res.exit_code == 2 and "no search 'search-nope'" in _error_line(res)
+    assert res.exit_code == 2 and "no search or scale 'search-nope'" in _error_line(res)
     for bad in ("../../etc/passwd", "x" * 10_000, "a'; DROP TABLE trials; --", "a\x00b"):
         res = CliRunner().invoke(main, ["runs", "show", bad])
         assert res.exit_code == 2 and "is not an id" in _error_line(res)

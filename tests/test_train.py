@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from workers import data, train
+from workers.flops import measure
 from workers.model import TINY_SPEC
 
 SMALL = dict(spec=TINY_SPEC, synthetic_size=(128, 64), batch_size=32, epochs=2)
@@ -14,8 +15,9 @@ def test_run_reports_every_epoch_with_all_metrics():
     hist = train.run(SMALL, lambda m, c: reports.append((m, c)))
     assert [m["epoch"] for m, _ in reports] == [1, 2] and len(hist) == 2
     for m, ckpt in reports:
-        assert {"val_top1", "val_loss", "train_loss", "epoch_s", "train_s", "images_per_s", "gmacs", "params_m"} <= set(m)
+        assert {"val_top1", "val_loss", "train_loss", "epoch_s", "train_s", "images_per_s", "params_m"} <= set(m)
         assert 0.0 <= m["val_top1"] <= 1.0 and m["images_per_s"] > 0
+        assert m["params_m"] == pytest.approx(measure(TINY_SPEC).params_m)
         assert {"model", "optimizer", "epoch", "config", "history"} <= set(ckpt)
 
 
