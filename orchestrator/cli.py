@@ -226,6 +226,11 @@ tracking_option = click.option(
 experiment_option = click.option(
     "--experiment", default="compound-scaling", show_default=True, help="MLflow experiment name."
 )
+storage_option = click.option(
+    "--storage", envvar="ORCH_STORAGE", default=None, metavar="PATH|URI",
+    help="Where trials and jobs write checkpoints: a path every node mounts, or s3://bucket/prefix. "
+    "Env ORCH_STORAGE; default <home>/ray, which only a one-machine cluster can use.",
+)
 address_option = click.option(
     "--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR",
     help="Ray cluster to use ('auto', host:port, ray://host:10001). Env RAY_ADDRESS; "
@@ -405,10 +410,11 @@ class SearchProgress(LiveProgress):
 @db_url_option
 @tracking_option
 @address_option
+@storage_option
 @json_option
 def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tolerance, grid_step, no_paper_point,
            dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial, cpus_per_trial, max_failures, name,
-           synthetic_size, experiment, home, db_url, tracking_uri, address, as_json):
+           synthetic_size, experiment, home, db_url, tracking_uri, address, storage, as_json):
     """Search φ=1 coefficients (α, β, γ) with α·β²·γ² ≈ 2 as Ray Tune trials.
 
     Optuna (TPE, seeded) proposes candidates, ASHA stops weak ones early, every trial is logged
@@ -458,6 +464,7 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
     try:
         try:
             cluster_mod.plan_resources(info, gpus=gpus, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
+            storage_path = cluster_mod.resolve_storage(info, storage, home_mod.ray_storage(h))
         except cluster_mod.ClusterError as e:
             raise click.UsageError(str(e))
         if dataset == "synthetic" and not as_json:
@@ -468,7 +475,7 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
         with results_only_stdout(), SearchProgress(trials or (None if space_kind == "grid" else 16), epochs) as progress:
             try:
                 outcome = run_search(opts, store=store, tracker=tracker, cluster=info,
-                                     storage_path=home_mod.ray_storage(h), on_change=progress.update,
+                                     storage_path=storage_path, on_change=progress.update,
                                      search_id=search_id)
             except SearchFailed as e:
                 raise click.ClickException(str(e))
@@ -529,12 +536,6 @@ class ScaleProgress(LiveProgress):
         return table
 
 
-def _given(ctx, name: str) -> bool:
-    from click.core import ParameterSource
-
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-
-
 def _models_table(models: list[dict], title: str):
     from rich.table import Table
 
@@ -592,11 +593,11 @@ def _models_table(models: list[dict], title: str):
 @db_url_option
 @tracking_option
 @address_option
+@storage_option
 @json_option
-@click.pass_context
-def scale(ctx, from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpus,
+def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpus,
           gpus_per_job, workers_per_job, cpus_per_worker, max_failures, dry_run, experiment, home, db_url,
-          tracking_uri, address, as_json):
+          tracking_uri, address, storage, as_json):
     """Train the scaled family B0..Bk from a search's winning α, β, γ, one Ray Train job per model.
 
     Each model is a data-parallel TorchTrainer run (checkpointed every epoch), launched as the
@@ -683,9 +684,9 @@ def scale(ctx, from_run, phis, mode, baseline, epochs, dataset, base_resolution,
     tracker = open_tracker(home, tracking_uri, experiment)
     h = home_mod.home_dir(home)
     home_mod.ensure_writable(h)
-    info = resources = None
+    info = resources = storage_path = None
     if todo:
-        info, resources = _connect_for_jobs(err, address, opts)
+        info, resources, storage_path = _connect_for_jobs(err, address, opts, storage, home_mod.ray_storage(h))
     try:
         runner = scale_mod.ScaleRun(scale_id, source, coeffs, opts, plan, store=store, tracker=tracker)
         err.print(f"{title}\n{len(plan) - len(todo)} of {len(plan)} models finished earlier; training "
@@ -695,8 +696,7 @@ def scale(ctx, from_run, phis, mode, baseline, epochs, dataset, base_resolution,
         with results_only_stdout(), ScaleProgress(opts.epochs) as progress:
             runner.on_change = progress.update
             try:
-                outcome = scale_mod.run_scale(runner, cluster=info, resources=resources,
-                                              storage_path=home_mod.ray_storage(h))
+                outcome = scale_mod.run_scale(runner, cluster=info, resources=resources, storage_path=storage_path)
             except scale_mod.ScaleInputError as e:
                 raise click.ClickException(str(e))
             except scale_mod.ScaleFailed as e:
@@ -724,7 +724,7 @@ def scale(ctx, from_run, phis, mode, baseline, epochs, dataset, base_resolution,
         raise SystemExit(130)
 
 
-def _connect_for_jobs(err, address, opts):
+def _connect_for_jobs(err, address, opts, storage, default_storage):
     """Ray and the jobs' resources, or a click error before anything is launched."""
     from orchestrator import cluster as cluster_mod
 
@@ -737,10 +737,11 @@ def _connect_for_jobs(err, address, opts):
         resources = cluster_mod.plan_job_resources(info, gpus=opts.gpus, workers=opts.workers,
                                                    cpus_per_worker=opts.cpus_per_worker,
                                                    gpu_workers_asked=bool(opts.gpus_per_job))
+        storage_path = cluster_mod.resolve_storage(info, storage, default_storage)
     except cluster_mod.ClusterError as e:
         cluster_mod.shutdown(info)
         raise click.UsageError(str(e))
-    return info, resources
+    return info, resources, storage_path
 
 
 def _compare_url(tracker, base: str, run_ids: list[str]) -> str:

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class ClusterError(Exception):
@@ -18,6 +19,7 @@ class ClusterInfo:
     gpus: float
     address: str | None  # None: the embedded local instance
     started_here: bool
+    nodes: int = 1
 
 
 def _quiet_env() -> None:
@@ -53,7 +55,24 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
             where = address or "a local Ray instance"
             raise ClusterError(f"cannot connect to Ray at {where}: {str(e).splitlines()[0]}") from None
     res = ray.cluster_resources()
-    return ClusterInfo(float(res.get("CPU", 0)), float(res.get("GPU", 0)), address, started)
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return ClusterInfo(float(res.get("CPU", 0)), float(res.get("GPU", 0)), address, started, max(1, nodes))
+
+
+def resolve_storage(info: ClusterInfo, storage: str | None, default: "os.PathLike") -> str:
+    """Where Tune/Train write checkpoints: ``storage`` (a path every node mounts, or a URI such
+    as ``s3://bucket/prefix``), or the state folder, which only a one-machine cluster can use."""
+    if storage:
+        if "://" in storage:
+            return storage
+        return str(Path(storage).expanduser().resolve())
+    if info.nodes > 1 or (info.address or "").startswith("ray://"):
+        where = f"{info.nodes} nodes" if info.nodes > 1 else f"a remote cluster ({info.address})"
+        raise ClusterError(
+            f"this is {where}: trials elsewhere cannot write checkpoints to {default} on this machine; "
+            f"pass --storage with a path every node mounts (NFS) or a bucket URI (s3://bucket/orch)"
+        )
+    return str(Path(default).resolve())
 
 
 def shutdown(info: ClusterInfo | None) -> None:

@@ -306,7 +306,7 @@ class ScaleRun:
         return [m for m in self.models if m.status != "finished"]
 
     # -- the jobs
-    def run(self, *, cluster, resources, storage_path: Path) -> None:
+    def run(self, *, cluster, resources, storage_path: str | Path) -> None:
         import ray
 
         from orchestrator.trainable import ProgressBoard, fit_job
@@ -320,7 +320,7 @@ class ScaleRun:
                     m = queue.pop(0)
                     ref = fit_job.remote(
                         m.name, self._train_cfg(m), workers=resources.workers, use_gpu=resources.use_gpu,
-                        resources_per_worker=resources.per_worker, storage_path=str(storage_path.resolve()),
+                        resources_per_worker=resources.per_worker, storage_path=str(storage_path),
                         run_name=f"{self.scale_id}-{m.name}", board=board, max_failures=self.opts.max_failures)
                     in_flight[ref] = m
                     self._start(m)
@@ -384,6 +384,8 @@ class ScaleRun:
             if len(ranks) > 1:
                 head["ranks"] = [{"rank": r.get("rank"), "pid": r.get("pid"), "samples": r.get("samples")} for r in ranks]
             epoch = int(head["epoch"])
+            if epoch in m.history:  # a resumed job replays its checkpoint's epochs; these are recorded
+                continue
             m.history[epoch] = head
             touched.setdefault(m.name, []).append(head)
         for name, new in touched.items():
@@ -521,7 +523,7 @@ def plot_family(points: list[tuple[str, float, float]], path: Path, *, title: st
     return path
 
 
-def run_scale(runner: ScaleRun, *, cluster=None, resources=None, storage_path: Path) -> ScaleOutcome:
+def run_scale(runner: ScaleRun, *, cluster=None, resources=None, storage_path: str | Path | None = None) -> ScaleOutcome:
     """Open the scale, train what is missing, close it. ``cluster``/``resources`` are needed
     only when something is missing (the caller connects to Ray then). Ctrl-C ends every open
     run KILLED and the scale ``interrupted``; the checkpoints stay, so running the same command

@@ -273,7 +273,7 @@ def trials_csv(trials) -> str:
     return buf.getvalue()
 
 
-def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: Path,
+def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: str | Path,
                on_change: Callable[[dict], None] | None = None, search_id: str | None = None) -> SearchOutcome:
     """Run one search end to end; the store and MLflow hold everything when it returns."""
     import optuna
@@ -344,7 +344,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: Pa
             tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                         reuse_actors=True, max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(
-                name=search_id, storage_path=str(storage_path.resolve()), verbose=0,
+                name=search_id, storage_path=str(storage_path), verbose=0,
                 callbacks=[_callback_class()(sink)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=opts.max_failures),

@@ -185,6 +185,12 @@ def train_loop_per_worker(config: dict) -> None:
             train.save_checkpoint(ckpt, d)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    if state is not None:
+        # Replay what the checkpoint already holds, so a driver that died before recording
+        # those epochs gets them now (it ignores epochs it has); a job whose checkpoint is
+        # already at the last epoch then still reports it.
+        for metrics in state.get("history", []):
+            ray.train.report(dict(metrics), checkpoint=None)
     train.run(config["train"], report, state=state, device=ray.train.torch.get_device())
 
 

@@ -205,3 +205,15 @@ def test_compare_url_lists_the_runs():
     q = parse_qs(frag.split("?", 1)[1])
     assert json.loads(unquote(q["runs"][0])) == ["a1", "b2"] and json.loads(unquote(q["experiments"][0])) == ["7"]
     assert compare_url("http://h:1/", "7", []) == "http://h:1/#/experiments/7/runs"
+
+
+def test_storage_defaults_to_the_state_folder_only_on_one_machine(tmp_path):
+    one = cluster.ClusterInfo(cpus=2, gpus=0, address=None, started_here=True, nodes=1)
+    many = cluster.ClusterInfo(cpus=64, gpus=8, address="10.0.0.1:6379", started_here=False, nodes=3)
+    remote = cluster.ClusterInfo(cpus=8, gpus=0, address="ray://head:10001", started_here=False, nodes=1)
+    assert cluster.resolve_storage(one, None, tmp_path / "ray") == str((tmp_path / "ray").resolve())
+    for info in (many, remote):
+        with pytest.raises(cluster.ClusterError, match="pass --storage"):
+            cluster.resolve_storage(info, None, tmp_path / "ray")
+    assert cluster.resolve_storage(many, "s3://bucket/orch", tmp_path) == "s3://bucket/orch"
+    assert cluster.resolve_storage(many, str(tmp_path / "nfs"), tmp_path) == str((tmp_path / "nfs").resolve())
