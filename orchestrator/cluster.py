@@ -151,3 +151,13 @@ def plan_job_resources(info: ClusterInfo, *, gpus: float | None, workers: int, c
                                f"lower it or raise --gpus")
         return JobResources(workers, True, {"CPU": cpus_per_worker, "GPU": 1}, min(int(budget // workers), by_cpu))
     return JobResources(workers, False, {"CPU": cpus_per_worker}, by_cpu)
+
+
+def on_driver_node() -> dict:
+    """Ray ``.options(...)`` that pin an actor or task to the driver's node. orch's small
+    coordinators (the search's network registry, the scale's progress board and job tasks)
+    must not live on a GPU node that may be lost or scaled away."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}

@@ -309,16 +309,17 @@ class ScaleRun:
     def run(self, *, cluster, resources, storage_path: str | Path) -> None:
         import ray
 
+        from orchestrator.cluster import on_driver_node
         from orchestrator.trainable import ProgressBoard, fit_job
 
-        board = ProgressBoard.remote()
+        board = ProgressBoard.options(**on_driver_node()).remote()
         queue = list(self.pending)
         in_flight: dict = {}  # ObjectRef -> ModelState
         try:
             while queue or in_flight:
                 while queue and len(in_flight) < resources.concurrency:
                     m = queue.pop(0)
-                    ref = fit_job.remote(
+                    ref = fit_job.options(**on_driver_node()).remote(
                         m.name, self._train_cfg(m), workers=resources.workers, use_gpu=resources.use_gpu,
                         resources_per_worker=resources.per_worker, storage_path=str(storage_path),
                         run_name=f"{self.scale_id}-{m.name}", board=board, max_failures=self.opts.max_failures)

@@ -117,7 +117,7 @@ class Sink:
 
     def result(self, trial_id: str, result: dict) -> None:
         keep = {k: result[k] for k in ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s",
-                                      "images_per_s", "gmacs", "params_m", "reused_from") if k in result}
+                                      "images_per_s", "gmacs", "params_m", "reused_from", "node_id") if k in result}
         self._q.put(("result", trial_id, keep, _now()))
 
     def ended(self, trial_id: str, failed: bool, error: str | None = None) -> None:
@@ -301,7 +301,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     )
     store.create_search(search_id, opts.name, config, mlflow_run_id=parent)
 
-    registry = NetworkRegistry.options(name=registry_name(search_id)).remote()
+    registry = NetworkRegistry.options(name=registry_name(search_id), **cluster_mod.on_driver_node()).remote()
     sink = Sink(store, tracker, search_id, parent, opts, b0.macs, registry, on_change)
     settings = {
         "search_id": search_id, "base_resolution": opts.base_resolution, "num_classes": opts.num_classes,

@@ -81,7 +81,7 @@ def trial_fn(config: dict, settings: dict) -> None:
     cand = space.candidate(alpha, beta, gamma, base_resolution=settings["base_resolution"],
                            num_classes=settings["num_classes"])
     trial_id = tune.get_context().get_trial_id()
-    extra = {"network_key": cand.key}
+    extra = {"network_key": cand.key, "node_id": ray.get_runtime_context().get_node_id()}
     if settings.get("work_s"):  # benchmarks/bookkeeping.py: fixed work instead of training
         _fixed_work(alpha, beta, gamma, settings["work_s"], settings["train"]["epochs"], extra)
         return
