@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -43,16 +44,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
+
+
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """A real tracking server on 127.0.0.1 (SQLite backend, artifacts proxied), stopped by PID."""
+def createdb():
+    """Fresh PostgreSQL databases on 127.0.0.1:5432, made and dropped with the client tools
+    (as deploy/README.md's native recipe does); returns a factory of SQLAlchemy URLs."""
+    names = []
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", name], check=True)
+        names.append(name)
+        return f"{PG}/{name}"
+
+    yield make
+    for name in names:
+        subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--force", "--if-exists", name], check=False)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, createdb):
+    """A real tracking server on 127.0.0.1 with a PostgreSQL backend and proxied artifacts,
+    started as deploy/README.md's native recipe says, and stopped by PID."""
     import urllib.request
 
     port = _free_port()
     d = tmp_path / "mlflow-server"
     d.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", createdb("orch_test_mlflow"),
          "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,

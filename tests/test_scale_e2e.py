@@ -29,10 +29,15 @@ def _search(extra=()):
     return _invoke(["search", "--gpus", "0", "--trials", "2", "--epochs", "1", *TINY, *extra])
 
 
-def test_search_and_scale_against_a_tracking_server(ray_session, home, mlflow_server):
+def test_search_and_scale_on_postgresql_and_a_tracking_server(ray_session, home, mlflow_server, createdb):
+    """deploy/README.md's native recipe, for real: PostgreSQL results store (`orch db upgrade`
+    first), an `mlflow server` with a PostgreSQL backend on loopback; a search and a scale."""
     from mlflow.tracking import MlflowClient
 
-    tracking = ["--tracking-uri", mlflow_server]
+    db_url = createdb("orch_test_results")
+    res = CliRunner().invoke(main, ["db", "upgrade", "--db-url", db_url])
+    assert res.exit_code == 0 and "-> " in res.output, res.output
+    tracking = ["--tracking-uri", mlflow_server, "--db-url", db_url]
     search = _search(tracking)
     scale_args = ["scale", "--from-run", search["search_id"], "--phis", "1", "--gpus", "0", *tracking]
     out = _invoke(scale_args)
@@ -71,6 +76,9 @@ def test_search_and_scale_against_a_tracking_server(ray_session, home, mlflow_se
     assert [m["mlflow_run_id"] for m in again["models"]] == [m["mlflow_run_id"] for m in out["models"]]
     runs2 = client.search_runs([exp.experiment_id])
     assert len(runs2) == len(runs) and all(r.info.status != "RUNNING" for r in runs2)
+    store = ResultsStore(db_url)  # the results are in PostgreSQL, one row per trial and per model
+    assert len(store.trials(search["search_id"])) == 2 and len(store.scale_runs(out["scale_id"])) == 2
+    store.close()
 
 
 def test_two_data_parallel_cpu_workers_both_take_part(ray_session, home):
