@@ -42,6 +42,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
     import ray
 
     started = False
+    if address and not ray.is_initialized():
+        _check_reachable(address)
     if not ray.is_initialized():
         kwargs = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
                       include_dashboard=False)
@@ -57,6 +59,30 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     return ClusterInfo(float(res.get("CPU", 0)), float(res.get("GPU", 0)), address, started, max(1, nodes))
+
+
+#: How long an unreachable head may keep `orch` waiting (ray.init itself retries for minutes).
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """A bounded TCP check of ``host:port`` / ``ray://host:port`` before handing it to Ray."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto" or address.startswith("local"):
+        return
+    hostport = urlparse(address).netloc if "://" in address else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"cannot parse Ray address {address!r}; use auto, host:port or ray://host:10001")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ClusterError(f"cannot reach Ray at {address} ({reason} within {CONNECT_TIMEOUT_S:g}s); is the head "
+                           f"running? `ray start --head` prints the address to use") from None
 
 
 def resolve_storage(info: ClusterInfo, storage: str | None, default: "os.PathLike") -> str:

@@ -217,3 +217,27 @@ def test_storage_defaults_to_the_state_folder_only_on_one_machine(tmp_path):
             cluster.resolve_storage(info, None, tmp_path / "ray")
     assert cluster.resolve_storage(many, "s3://bucket/orch", tmp_path) == "s3://bucket/orch"
     assert cluster.resolve_storage(many, str(tmp_path / "nfs"), tmp_path) == str((tmp_path / "nfs").resolve())
+
+
+def test_unreachable_ray_address_is_a_bounded_clear_error(home):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for addr in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(cluster.ClusterError, match="cannot reach Ray"):
+            cluster._check_reachable(addr)
+    with pytest.raises(cluster.ClusterError, match="cannot parse Ray address"):
+        cluster._check_reachable("head-without-port")
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", "search", "--gpus", "0", "--address",
+                          f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, ORCH_HOME=str(home)))
+    assert res.returncode == 2 and "cannot reach Ray at 127.0.0.1:" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert time.monotonic() - t0 < 60  # ray.init alone would retry for minutes
