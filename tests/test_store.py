@@ -239,3 +239,15 @@ def test_past_revision_upgrades_on_postgresql(pg_url):
         assert [t.trial_id for t in store.trials("search-old")] == ["t1", "t2"]
         store.close()
     eng.dispose()
+
+
+def test_migrations_have_exactly_one_head_and_a_linear_history():
+    from alembic.script import ScriptDirectory
+
+    from orchestrator.store.store import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config())
+    assert script.get_heads() == [head_revision()]
+    revs = list(script.walk_revisions())
+    assert [r.revision for r in reversed(revs)] == ["0001", "0002"]
+    assert all(len(r.nextrev) <= 1 for r in revs)  # no branches
