@@ -707,7 +707,10 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
 
             cluster_mod.shutdown(info)
     models = [scale_mod.model_entry(m) for m in outcome.models]
-    url = _compare_url(tracker, "http://127.0.0.1:5000", [m["mlflow_run_id"] for m in models if m["mlflow_run_id"]])
+    from orchestrator.tracking import compare_url
+
+    url = compare_url("http://127.0.0.1:5000", tracker.experiment_id,
+                      [m["mlflow_run_id"] for m in models if m["mlflow_run_id"]])
     if as_json:
         click.echo(json.dumps({"scale_id": outcome.scale_id, "mlflow_run_id": outcome.mlflow_run_id,
                                "search_id": outcome.search_id, "trial_id": outcome.trial_id, "status": outcome.status,
@@ -742,12 +745,6 @@ def _connect_for_jobs(err, address, opts, storage, default_storage):
         cluster_mod.shutdown(info)
         raise click.UsageError(str(e))
     return info, resources, storage_path
-
-
-def _compare_url(tracker, base: str, run_ids: list[str]) -> str:
-    from orchestrator.tracking import compare_url
-
-    return compare_url(base, tracker.experiment_id, run_ids)
 
 
 # --------------------------------------------------------------------------- orch runs

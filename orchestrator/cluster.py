@@ -108,18 +108,24 @@ def shutdown(info: ClusterInfo | None) -> None:
         ray.shutdown()
 
 
-def plan_resources(info: ClusterInfo, *, gpus: float | None, gpus_per_trial: float | None,
-                   cpus_per_trial: float) -> tuple[float, float, int]:
-    """(gpus per trial, cpus per trial, concurrency) from the budget, checked against the cluster.
-
-    ``gpus`` None means every GPU the cluster has; 0 runs on CPU.
-    """
+def gpu_budget(info: ClusterInfo, gpus: float | None) -> float:
+    """``--gpus``, checked against the cluster; None means every GPU it has."""
     budget = info.gpus if gpus is None else gpus
     if budget > info.gpus + 1e-9:
         raise ClusterError(
             f"--gpus {budget:g} asks for more GPUs than the cluster has ({info.gpus:g}); "
             f"use --gpus {info.gpus:g} or fewer (0 runs on CPU)"
         )
+    return budget
+
+
+def plan_resources(info: ClusterInfo, *, gpus: float | None, gpus_per_trial: float | None,
+                   cpus_per_trial: float) -> tuple[float, float, int]:
+    """(gpus per trial, cpus per trial, concurrency) from the budget, checked against the cluster.
+
+    ``gpus`` None means every GPU the cluster has; 0 runs on CPU.
+    """
+    budget = gpu_budget(info, gpus)
     if cpus_per_trial > info.cpus + 1e-9:
         raise ClusterError(
             f"--cpus-per-trial {cpus_per_trial:g} is more than the cluster's {info.cpus:g} CPUs; lower it"
@@ -156,12 +162,7 @@ def plan_job_resources(info: ClusterInfo, *, gpus: float | None, workers: int, c
     workers of one GPU each, ``budget // workers`` jobs at once; with no GPUs each job runs
     ``workers`` CPU workers (gloo), as many jobs at once as the CPUs allow.
     """
-    budget = info.gpus if gpus is None else gpus
-    if budget > info.gpus + 1e-9:
-        raise ClusterError(
-            f"--gpus {budget:g} asks for more GPUs than the cluster has ({info.gpus:g}); "
-            f"use --gpus {info.gpus:g} or fewer (0 runs on CPU)"
-        )
+    budget = gpu_budget(info, gpus)
     if 0 < budget < 1:
         raise ClusterError(f"--gpus {budget:g}: a Ray Train worker takes a whole GPU; use --gpus 1 or more, or 0 for CPU")
     if budget < 1 and gpu_workers_asked:

@@ -297,7 +297,7 @@ class ScaleRun:
             m.history = {int(h["epoch"]): h for h in prev.history}
             m.run_id = prev.mlflow_run_id
             m.started_at = prev.started_at
-            if prev.status == "finished" and prev.epochs_done >= self.opts.epochs:
+            if finished_before(prev, self.opts.epochs):
                 m.status, m.earlier, m.ended_at = "finished", True, prev.ended_at
         self._changed()
 
@@ -545,9 +545,14 @@ def run_scale(runner: ScaleRun, *, cluster=None, resources=None, storage_path: s
     return outcome
 
 
+def finished_before(run, epochs: int) -> bool:
+    """A stored scale_runs row that needs no more training."""
+    return run.status == "finished" and run.epochs_done >= epochs
+
+
 def pending_models(store, scale_id: str, plan: list[dict], epochs: int) -> list[str]:
     """The plan's models an earlier run of this scale has not finished."""
-    done = {r.model for r in store.scale_runs(scale_id) if r.status == "finished" and r.epochs_done >= epochs}
+    done = {r.model for r in store.scale_runs(scale_id) if finished_before(r, epochs)}
     return [r["name"] for r in plan if r["name"] not in done]
 
 

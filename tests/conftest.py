@@ -18,6 +18,14 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 TINY = ["--synthetic-size", "128", "64", "--batch-size", "32"]
 
 
+def error_line(res) -> str:
+    """The one `Error: …` line of a failed CliRunner result (and no traceback)."""
+    lines = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -11,6 +11,7 @@ from orchestrator import cluster, scaling
 from orchestrator import scale as scale_mod
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
+from tests.conftest import error_line
 
 TRIAL = dict(network_key="k", resolution=40, params=100, gmacs=0.02, flops_ratio=2.0, epochs_done=2, history=[])
 CONFIG = {"epochs": 2, "dataset": "synthetic", "base_resolution": 32, "num_classes": 10, "batch_size": 32,
@@ -119,13 +120,6 @@ def _scale(args):
     return CliRunner().invoke(main, ["scale", "--gpus", "0", *args])
 
 
-def _error_line(res):
-    lines = [l for l in res.output.splitlines() if l.startswith("Error:")]
-    assert len(lines) == 1, res.output
-    assert "Traceback" not in res.output
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "args, says",
     [
@@ -152,7 +146,7 @@ def _error_line(res):
 def test_bad_input_fails_before_anything_launches(home, store, args, says):
     res = _scale(args)
     assert res.exit_code == 2, res.output
-    assert says in _error_line(res)
+    assert says in error_line(res)
     assert store.list_scales() == []
     assert not (home / "mlflow.db").exists()  # no MLflow run was created either
 

@@ -5,6 +5,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
+from tests.conftest import error_line
 
 
 def _run(args):
@@ -15,13 +16,6 @@ def _no_search_recorded(home):
     db = home / "orch.db"
     if db.exists():
         assert ResultsStore(f"sqlite:///{db}").list_searches() == []
-
-
-def _error_line(res):
-    lines = [l for l in res.output.splitlines() if l.startswith("Error:")]
-    assert len(lines) == 1, res.output
-    assert "Traceback" not in res.output
-    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -42,13 +36,13 @@ def _error_line(res):
 def test_bad_options_fail_before_anything_starts(home, args, says):
     res = _run(args)
     assert res.exit_code == 2, res.output
-    assert says in _error_line(res)
+    assert says in error_line(res)
     _no_search_recorded(home)
 
 
 def test_gpus_per_trial_above_budget(home):
     res = CliRunner().invoke(main, ["search", "--gpus", "1", "--gpus-per-trial", "2"])
-    assert res.exit_code == 2 and "above the --gpus budget" in _error_line(res)
+    assert res.exit_code == 2 and "above the --gpus budget" in error_line(res)
 
 
 def test_empty_image_folder(home, tmp_path):
@@ -56,15 +50,15 @@ def test_empty_image_folder(home, tmp_path):
     (tmp_path / "data" / "train" / "b").mkdir(parents=True)
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)
     res = _run(["--dataset", f"imagefolder:{tmp_path / 'data'}"])
-    assert res.exit_code == 2 and "has no images" in _error_line(res)
+    assert res.exit_code == 2 and "has no images" in error_line(res)
     res = _run(["--dataset", f"imagefolder:{tmp_path}"])
-    assert res.exit_code == 2 and "is missing" in _error_line(res)
+    assert res.exit_code == 2 and "is missing" in error_line(res)
 
 
 def test_unopenable_db_url(home):
     res = _run(["--db-url", "postgresql+psycopg://nobody:hunter2@127.0.0.1:1/none"])
     assert res.exit_code == 2
-    line = _error_line(res)
+    line = error_line(res)
     assert "--db-url" in line and "cannot connect" in line and "hunter2" not in res.output
 
 
@@ -73,7 +67,7 @@ def test_unreachable_tracking_uri_is_a_bounded_wait(home):
 
     t0 = time.monotonic()
     res = _run(["--tracking-uri", "http://127.0.0.1:1"])
-    assert res.exit_code == 2 and "did not answer" in _error_line(res)
+    assert res.exit_code == 2 and "did not answer" in error_line(res)
     assert time.monotonic() - t0 < 30
     _no_search_recorded(home)
 
@@ -86,20 +80,20 @@ def test_out_of_date_store_names_the_fix(home):
         c.execute(sa.text("DROP TABLE alembic_version"))
     store.close()
     res = _run([])
-    assert res.exit_code == 1 and "orch db upgrade" in _error_line(res)
+    assert res.exit_code == 1 and "orch db upgrade" in error_line(res)
 
 
 @pytest.mark.slow
 def test_more_gpus_than_the_cluster_has(ray_session, home):
     res = CliRunner().invoke(main, ["search", "--gpus", "8"])
     assert res.exit_code == 2
-    assert "more GPUs than the cluster has (4)" in _error_line(res)
+    assert "more GPUs than the cluster has (4)" in error_line(res)
     _no_search_recorded(home)
 
 
 def test_runs_show_unknown_and_malformed_ids(home):
     res = CliRunner().invoke(main, ["runs", "show", "search-nope"])
-    assert res.exit_code == 2 and "no search or scale 'search-nope'" in _error_line(res)
+    assert res.exit_code == 2 and "no search or scale 'search-nope'" in error_line(res)
     for bad in ("../../etc/passwd", "x" * 10_000, "a'; DROP TABLE trials; --", "a\x00b"):
         res = CliRunner().invoke(main, ["runs", "show", bad])
-        assert res.exit_code == 2 and "is not an id" in _error_line(res)
+        assert res.exit_code == 2 and "is not an id" in error_line(res)

@@ -218,19 +218,12 @@ def test_past_revision_fixture_upgrades_to_head(tmp_path):
 def test_past_revision_upgrades_on_postgresql(pg_url):
     """The same past schemas built on the live server (PostgreSQL; SQLite is the fixture file)."""
     db_url = pg_url
-    from alembic import command
-
-    from orchestrator.store.store import alembic_config
-    from tests.fixtures.make_schema_fixtures import ROWS
+    from tests.fixtures.make_schema_fixtures import ROWS, build_at
 
     eng = sa.create_engine(db_url)
     for rev in ROWS:
         with eng.begin() as conn:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, rev)
-            for stmt in ROWS[rev]:
-                conn.execute(sa.text(stmt))
+            build_at(conn, rev)
         with pytest.raises(SchemaOutOfDate, match="orch db upgrade"):
             ResultsStore(db_url)
         store = ResultsStore(db_url, check_schema=False)

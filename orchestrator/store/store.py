@@ -156,7 +156,8 @@ class ScaleRunRecord:
 
 
 def _record(cls, row):
-    return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+    """A frozen record of ``row``; datetimes come back UTC-aware (SQLite drops the zone)."""
+    return cls(**{f.name: _aware(v) if isinstance(v := getattr(row, f.name), datetime) else v for f in fields(cls)})
 
 
 def _aware(dt: datetime | None) -> datetime | None:
@@ -310,22 +311,17 @@ class ResultsStore:
     def get_search(self, search_id: str) -> SearchRecord | None:
         with self.session() as s:
             row = s.get(Search, search_id)
-            return self._search(row) if row else None
+            return _record(SearchRecord, row) if row else None
 
     def find_search_by_mlflow_run(self, run_id: str) -> SearchRecord | None:
         with self.session() as s:
             row = s.scalars(sa.select(Search).where(Search.mlflow_run_id == run_id)).first()
-            return self._search(row) if row else None
+            return _record(SearchRecord, row) if row else None
 
     def list_searches(self, limit: int = 100) -> list[SearchRecord]:
         with self.session() as s:
             rows = s.scalars(sa.select(Search).order_by(Search.created_at.desc()).limit(limit)).all()
-            return [self._search(r) for r in rows]
-
-    @staticmethod
-    def _search(row) -> SearchRecord:
-        rec = _record(SearchRecord, row)
-        return SearchRecord(**{**rec.__dict__, "created_at": _aware(rec.created_at), "finished_at": _aware(rec.finished_at)})
+            return [_record(SearchRecord, r) for r in rows]
 
     # ------------------------------------------------------------------ trials
 
@@ -371,7 +367,7 @@ class ResultsStore:
     def trials(self, search_id: str) -> list[TrialRecord]:
         with self.session() as s:
             rows = s.scalars(sa.select(Trial).where(Trial.search_id == search_id).order_by(Trial.id)).all()
-            return [self._trial(r) for r in rows]
+            return [_record(TrialRecord, r) for r in rows]
 
     def get_trial(self, trial_id: str) -> TrialRecord | None:
         """A trial by its Tune trial id or its MLflow run id."""
@@ -379,12 +375,7 @@ class ResultsStore:
             row = s.scalars(
                 sa.select(Trial).where(sa.or_(Trial.trial_id == trial_id, Trial.mlflow_run_id == trial_id))
             ).first()
-            return self._trial(row) if row else None
-
-    @staticmethod
-    def _trial(row) -> TrialRecord:
-        rec = _record(TrialRecord, row)
-        return TrialRecord(**{**rec.__dict__, "started_at": _aware(rec.started_at), "ended_at": _aware(rec.ended_at)})
+            return _record(TrialRecord, row) if row else None
 
     # ------------------------------------------------------------------ scales
 
@@ -395,7 +386,7 @@ class ResultsStore:
                         config=config, plan=plan, mlflow_run_id=mlflow_run_id, driver=driver)
             s.add(row)
             s.flush()
-            return self._scale(row)
+            return _record(ScaleRecord, row)
 
         return self._write(fn)
 
@@ -405,19 +396,19 @@ class ResultsStore:
     def get_scale(self, scale_id: str) -> ScaleRecord | None:
         with self.session() as s:
             row = s.get(Scale, scale_id)
-            return self._scale(row) if row else None
+            return _record(ScaleRecord, row) if row else None
 
     def find_scale_by_mlflow_run(self, run_id: str) -> ScaleRecord | None:
         with self.session() as s:
             row = s.scalars(sa.select(Scale).where(Scale.mlflow_run_id == run_id)).first()
-            return self._scale(row) if row else None
+            return _record(ScaleRecord, row) if row else None
 
     def list_scales(self, limit: int = 100, *, search_id: str | None = None) -> list[ScaleRecord]:
         with self.session() as s:
             q = sa.select(Scale).order_by(Scale.created_at.desc()).limit(limit)
             if search_id:
                 q = q.where(Scale.search_id == search_id)
-            return [self._scale(r) for r in s.scalars(q).all()]
+            return [_record(ScaleRecord, r) for r in s.scalars(q).all()]
 
     def upsert_scale_run(self, scale_id: str, model: str, **values) -> None:
         """One row per (scale, model), however often it is written (re-runs, resumes)."""
@@ -427,17 +418,7 @@ class ResultsStore:
     def scale_runs(self, scale_id: str) -> list[ScaleRunRecord]:
         with self.session() as s:
             rows = s.scalars(sa.select(ScaleRun).where(ScaleRun.scale_id == scale_id).order_by(ScaleRun.phi)).all()
-            return [self._scale_run(r) for r in rows]
-
-    @staticmethod
-    def _scale(row) -> ScaleRecord:
-        rec = _record(ScaleRecord, row)
-        return ScaleRecord(**{**rec.__dict__, "created_at": _aware(rec.created_at), "finished_at": _aware(rec.finished_at)})
-
-    @staticmethod
-    def _scale_run(row) -> ScaleRunRecord:
-        rec = _record(ScaleRunRecord, row)
-        return ScaleRunRecord(**{**rec.__dict__, "started_at": _aware(rec.started_at), "ended_at": _aware(rec.ended_at)})
+            return [_record(ScaleRunRecord, r) for r in rows]
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
