@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; quick 1)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--models", default=None, help="subset of B0,B3,B7 (GPU rows)")
+    ap.add_argument("--no-full-path", action="store_true", help="skip the full-trial-path row")
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -157,14 +158,16 @@ def main() -> None:
             if label == "timm eager":
                 timm_eager = ips
             results.append([name, res, batch, label, ips, peak])
-            print(f"  {name}@{res} bs{batch} {label}: {ips:,.1f} img/s", flush=True)
+            mem = f", peak {peak:.2f} GB" if peak is not None else ""
+            print(f"  {name}@{res} bs{batch} {label}: {ips:,.1f} img/s{mem}", flush=True)
         for r in results:
             if r[0] == name:
                 r.append(r[4] / timm_eager if timm_eager else None)
 
+    full = bare = None
     if quick:
         full, bare = full_trial_path(device, 64, 8, n_train=64, n_val=32, epochs=2, compile_model=False)
-    else:
+    elif not args.no_full_path:
         full, bare = full_trial_path(device, 224, 256, n_train=5120, n_val=1024, epochs=3, compile_model=compile_ours)
 
     print()
@@ -172,8 +175,9 @@ def main() -> None:
     for name, res, batch, label, ips, peak, ratio in results:
         print(f"{name:<6} {res:>4} {batch:>5} {label:<18} {ips:>10,.1f} {peak if peak is not None else float('nan'):>8.2f} "
               f"{ratio if ratio is not None else float('nan'):>12.3f}")
-    print(f"full trial path (data on device, augmentation, evaluation) ÷ bare step, B0: {full / bare:.3f} "
-          f"({full:,.1f} vs {bare:,.1f} img/s)")
+    if full is not None:
+        print(f"full trial path (data on device, augmentation, evaluation) ÷ bare step, B0: {full / bare:.3f} "
+              f"({full:,.1f} vs {bare:,.1f} img/s)")
 
 
 if __name__ == "__main__":
