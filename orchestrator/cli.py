@@ -405,6 +405,10 @@ class SearchProgress(LiveProgress):
 @click.option("--name", default=None, help="A label for the search. Default: generated.")
 @click.option("--synthetic-size", type=(click.IntRange(min=64), click.IntRange(min=32)), default=None,
               metavar="TRAIN VAL", help="Images in the synthetic task's train and val splits (default 1536 512).")
+@click.option("--resume", "resume_id", default=None, callback=_check_id, metavar="SEARCH_ID",
+              help="Continue a search whose driver died or was stopped: its trials resume from their "
+              "checkpoints, its Optuna study goes on, its rows and MLflow runs are reused. Takes the search's "
+              "own options; only --home/--db-url/--tracking-uri/--address/--storage/--json may be given.")
 @experiment_option
 @home_option
 @db_url_option
@@ -412,9 +416,10 @@ class SearchProgress(LiveProgress):
 @address_option
 @storage_option
 @json_option
-def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tolerance, grid_step, no_paper_point,
+@click.pass_context
+def search(ctx, space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tolerance, grid_step, no_paper_point,
            dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial, cpus_per_trial, max_failures, name,
-           synthetic_size, experiment, home, db_url, tracking_uri, address, storage, as_json):
+           synthetic_size, resume_id, experiment, home, db_url, tracking_uri, address, storage, as_json):
     """Search φ=1 coefficients (α, β, γ) with α·β²·γ² ≈ 2 as Ray Tune trials.
 
     Optuna (TPE, seeded) proposes candidates, ASHA stops weak ones early, every trial is logged
@@ -424,12 +429,22 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
     orch search                                  # local Ray, CPU, synthetic data
     orch search --gpus 8 --dataset imagefolder:/data/pets --epochs 10
     orch search --space grid --tolerance 0.1 --grid-step 0.1
+    orch search --resume search-20261127-ab12cd  # after a crash or Ctrl-C
     """
-    from orchestrator import cluster as cluster_mod
-    from orchestrator import home as home_mod
-    from orchestrator.errors import SearchFailed
-    from orchestrator.search import SearchOptions, new_search_id, run_search
+    from orchestrator.search import SearchOptions, new_search_id
     from workers.data import num_classes_of
+
+    if resume_id:
+        from click.core import ParameterSource
+
+        infra = {"resume_id", "home", "db_url", "tracking_uri", "address", "storage", "as_json"}
+        given = [p for p in ctx.command.params if p.name not in infra
+                 and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+        if given:
+            flag = given[0].opts[0]
+            raise click.UsageError(f"{flag} cannot be combined with --resume: a resumed search keeps the options "
+                                   f"it started with; drop {flag}")
+        return _resume_search(resume_id, home, db_url, tracking_uri, address, storage, as_json)
 
     if grace_epochs > epochs:
         raise click.BadParameter(f"{grace_epochs} is above --epochs {epochs}; use at most {epochs}",
@@ -451,11 +466,40 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
         batch_size=batch_size, lr=lr, gpus=gpus, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
         max_failures=max_failures, experiment=experiment, synthetic_size=tuple(synthetic_size) if synthetic_size else None,
     )
-    err = stderr_console()
     store = open_store(home, db_url)
     tracker = open_tracker(home, tracking_uri, experiment)
+    _run_search_command(opts, search_id, store, tracker, home, address, storage, as_json)
+
+
+def _resume_search(search_id, home, db_url, tracking_uri, address, storage, as_json):
+    from pathlib import Path
+
+    from orchestrator import home as home_mod
+    from orchestrator.search import SearchInputError, check_resumable, options_of
+
+    store = open_store(home, db_url)
+    h = home_mod.home_dir(home)
+    try:
+        record, path = check_resumable(store, search_id, storage=storage, home=h)
+    except SearchInputError as e:
+        raise click.UsageError(str(e))
+    opts = options_of(record)
+    tracker = open_tracker(home, tracking_uri, opts.experiment)
+    root = path.rsplit("/", 1)[0] if "://" in path else str(Path(path).parent)  # checked by check_resumable
+    _run_search_command(opts, search_id, store, tracker, home, address, root, as_json, resume=(record, path))
+
+
+def _run_search_command(opts, search_id, store, tracker, home, address, storage, as_json, resume=None):
+    """Connect to Ray, run (or resume) the search with live progress, print the outcome."""
+    from orchestrator import cluster as cluster_mod
+    from orchestrator import home as home_mod
+    from orchestrator.errors import SearchFailed
+    from orchestrator.search import run_search
+
+    err = stderr_console()
     h = home_mod.home_dir(home)
     home_mod.ensure_writable(h)
+    gpus, gpus_per_trial, cpus_per_trial = opts.gpus, opts.gpus_per_trial, opts.cpus_per_trial
     with err.status("starting Ray…"):
         try:
             info = cluster_mod.connect(address)
@@ -467,16 +511,18 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
             storage_path = cluster_mod.resolve_storage(info, storage, home_mod.ray_storage(h))
         except cluster_mod.ClusterError as e:
             raise click.UsageError(str(e))
-        if dataset == "synthetic" and not as_json:
-            err.print(f"synthetic task: {opts.num_classes} classes, base resolution {base_resolution} "
+        if opts.dataset == "synthetic" and not as_json and resume is None:
+            err.print(f"synthetic task: {opts.num_classes} classes, base resolution {opts.base_resolution} "
                       f"(its images are 64px; pass --base-resolution to change)", highlight=False)
-        err.print(f"search {search_id}: {space_kind} space, {info.cpus:g} CPUs / {info.gpus:g} GPUs, "
+        verb = "resuming search" if resume else "search"
+        err.print(f"{verb} {search_id}: {opts.space} space, {info.cpus:g} CPUs / {info.gpus:g} GPUs, "
                   f"store {store.masked_url}", highlight=False)
-        with results_only_stdout(), SearchProgress(trials or (None if space_kind == "grid" else 16), epochs) as progress:
+        total = opts.trials or (None if opts.space == "grid" else 16)
+        with results_only_stdout(), SearchProgress(total, opts.epochs) as progress:
             try:
                 outcome = run_search(opts, store=store, tracker=tracker, cluster=info,
                                      storage_path=storage_path, on_change=progress.update,
-                                     search_id=search_id)
+                                     search_id=search_id, resume=resume)
             except SearchFailed as e:
                 raise click.ClickException(str(e))
     finally:

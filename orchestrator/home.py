@@ -4,6 +4,7 @@ defaults: orch.db (results store), mlflow.db (tracking store), mlartifacts/, ray
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 DEFAULT_HOME = "orch-runs"
@@ -38,3 +39,39 @@ def ensure_writable(home: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise PermissionError(f"state folder {home} is not writable ({e.strerror}); set ORCH_HOME to a writable folder") from None
+
+
+def driver_token() -> str:
+    """``host:pid`` of this process, stored with a running search or scale."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def driver_alive(driver: str | None) -> bool:
+    """Whether ``host:pid`` names a live process on this host (another orch driver)."""
+    if not driver or ":" not in driver:
+        return False
+    host, _, pid = driver.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def confined(path: str, roots: list[str | None]) -> bool:
+    """Whether ``path`` lies inside one of ``roots`` once links are followed (a URI: equals or
+    lies under a root URI). Tune and Train restore pickled state from experiment folders, so orch
+    only loads them from places the user named: the state folder or the configured storage."""
+    if "://" in path:
+        return any(r and "://" in r and (path == r or path.startswith(r.rstrip("/") + "/")) for r in roots)
+    real = Path(path).expanduser().resolve()
+    for root in roots:
+        if root and "://" not in root:
+            base = Path(root).expanduser().resolve()
+            if real == base or base in real.parents:
+                return True
+    return False

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from orchestrator import scaling
+from orchestrator.home import driver_alive, driver_token
 
 #: The per-model batch rule: activation memory grows about with FLOPs per image, and the
 #: reference runs (B0 bs256, B3 bs128, B5 bs48 on one H100) shrink the batch about as the
@@ -231,26 +230,6 @@ class ScaleOutcome:
     summary: dict
 
 
-def _driver() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def driver_alive(driver: str | None) -> bool:
-    """Whether ``host:pid`` names a live process on this host (another `orch scale`)."""
-    if not driver or ":" not in driver:
-        return False
-    host, _, pid = driver.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class ScaleRun:
     """The driver of one scale: launches jobs as resources allow, collects their reports, and
     writes the store and MLflow from this one thread."""
@@ -280,7 +259,7 @@ class ScaleRun:
             )
             self.store.create_scale(self.scale_id, search_id=self.source.search.id,
                                     trial_id=self.source.trial.trial_id, config=config, plan=plan_rows,
-                                    mlflow_run_id=self.parent, driver=_driver())
+                                    mlflow_run_id=self.parent, driver=driver_token())
         else:
             if existing.status == "running" and driver_alive(existing.driver):
                 raise ScaleInputError(f"scale {self.scale_id} is being run by process {existing.driver}; "
@@ -288,7 +267,7 @@ class ScaleRun:
             self.parent = existing.mlflow_run_id
             self.tracker.reopen(self.parent)
             self.store.update_scale(self.scale_id, status="running", finished_at=None, error=None,
-                                    driver=_driver(), plan=plan_rows)
+                                    driver=driver_token(), plan=plan_rows)
         done = {r.model: r for r in self.store.scale_runs(self.scale_id)}
         for m in self.models:
             prev = done.get(m.name)

@@ -22,6 +22,8 @@ from orchestrator import scaling, space
 ASHA_REDUCTION = 2
 #: How often the sink flushes queued results (seconds); results are also flushed at trial end.
 SINK_FLUSH_S = 1.0
+#: The sink of each search this driver runs, by search id (see SinkCallback).
+_SINKS: dict[str, "Sink"] = {}
 
 
 def new_search_id() -> str:
@@ -111,17 +113,34 @@ class Sink:
         self._thread = threading.Thread(target=self._loop, name="orch-sink", daemon=True)
         self._thread.start()
 
+    def preload(self, records) -> None:
+        """A resumed search: the trials its earlier drivers recorded, so a trial that starts again
+        continues its own row and MLflow run, and its recorded epochs are kept."""
+        for r in records:
+            self.trials[r.trial_id] = TrialState(
+                r.trial_id, r.alpha, r.beta, r.gamma, r.network_key, r.resolution, r.params, r.gmacs, r.flops_ratio,
+                run_id=r.mlflow_run_id, status=r.status, history={int(h["epoch"]): h for h in r.history},
+                reused_from=r.reused_from, error=r.error, started_at=r.started_at, ended_at=r.ended_at)
+
     # -- called from Tune's callback (driver thread): cheap, never blocks on I/O
     def started(self, trial_id: str, config: dict) -> None:
         self._q.put(("start", trial_id, dict(config), _now()))
 
     def result(self, trial_id: str, result: dict) -> None:
         keep = {k: result[k] for k in ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s",
-                                      "images_per_s", "gmacs", "params_m", "reused_from", "node_id") if k in result}
+                                      "images_per_s", "gmacs", "params_m", "reused_from", "node_id", "pid",
+                                      "diverged", "earlier") if k in result}
         self._q.put(("result", trial_id, keep, _now()))
 
     def ended(self, trial_id: str, failed: bool, error: str | None = None) -> None:
         self._q.put(("end", trial_id, (failed, error), _now()))
+
+    def reconcile(self, tune_trials: list[dict]) -> None:
+        """After a resumed fit: Tune's own record of every trial (id, status, reported rows). Fills
+        epochs the killed driver had not written yet, ends trials Tune ended while no driver
+        listened, and settles rows Tune never saved (started in the last moments of a killed
+        driver: Tune and Optuna proposed afresh in their place)."""
+        self._q.put(("reconcile", None, tune_trials, _now()))
 
     def close(self, interrupted: bool = False) -> None:
         self._q.put(("close", None, interrupted, _now()))
@@ -159,8 +178,11 @@ class Sink:
         closing = False
         for kind, tid, payload, at in events:
             if kind == "start":
-                if tid in self.trials:  # a retried trial starts again: same row, same run
-                    self.trials[tid].status = "running"
+                if tid in self.trials:  # a retried or resumed trial starts again: same row, same run
+                    st = self.trials[tid]
+                    if st.status != "running" or st.ended_at is not None:
+                        self.tracker.reopen(st.run_id)
+                    st.status, st.error, st.ended_at = "running", None, None
                     dirty.setdefault(tid, [])
                     continue
                 from orchestrator.trainable import coefficients
@@ -184,6 +206,14 @@ class Sink:
                 dirty.setdefault(tid, [])
             elif kind == "result":
                 st = self.trials[tid]
+                if payload.get("diverged"):  # ends the trial: failed with the reason, no metrics kept
+                    st.error = payload["diverged"]
+                    dirty.setdefault(tid, [])
+                    continue
+                for h in payload.pop("earlier", None) or ():  # a resumed trial's checkpointed epochs
+                    if int(h["epoch"]) not in st.history:
+                        st.history[int(h["epoch"])] = h
+                        dirty.setdefault(tid, []).append(h)
                 epoch = int(payload.get("epoch", st.epochs_done + 1))
                 if payload.get("reused_from"):
                     st.reused_from = payload.pop("reused_from")
@@ -194,11 +224,15 @@ class Sink:
                 st = self.trials[tid]
                 if failed:
                     st.status, st.error = "failed", error
+                elif st.error:  # it diverged
+                    st.status = "failed"
                 else:
                     st.status = "finished" if st.epochs_done >= self.opts.epochs else "stopped"
                 st.ended_at = at
                 dirty.setdefault(tid, [])
                 ended.append(tid)
+            elif kind == "reconcile":
+                ended += self._reconcile(payload, dirty, at)
             elif kind == "close":
                 closing = True
                 for st in self.trials.values():
@@ -233,6 +267,42 @@ class Sink:
         if self.on_change and (dirty or ended):
             self.on_change({"trials": list(self.trials.values())})
         return closing
+
+    def _reconcile(self, tune_trials: list[dict], dirty: dict, at) -> list[str]:
+        ended = []
+        known = {t["trial_id"] for t in tune_trials}
+        for t in tune_trials:
+            st = self.trials.get(t["trial_id"])
+            if st is None:  # created by Tune but never started
+                continue
+            for row in t["rows"]:
+                if "epoch" in row and int(row["epoch"]) not in st.history:
+                    st.history[int(row["epoch"])] = row
+                    dirty.setdefault(st.trial_id, []).append(row)
+            if st.status in ("running", "interrupted") and t["status"] in ("TERMINATED", "ERROR"):
+                if t["status"] == "ERROR":
+                    st.status, st.error = "failed", t.get("error") or "the trial failed"
+                else:
+                    st.status = "finished" if st.epochs_done >= self.opts.epochs else "stopped"
+                st.ended_at = at
+                dirty.setdefault(st.trial_id, [])
+                ended.append(st.trial_id)
+        for tid, st in list(self.trials.items()):
+            if tid in known or st.status not in ("running", "interrupted"):
+                continue
+            if st.history:  # it trained: keep what it reported
+                st.status, st.ended_at = "interrupted", at
+                st.error = "lost with a killed driver before Tune saved it; the resumed search proposed afresh"
+                dirty.setdefault(tid, [])
+                ended.append(tid)
+            else:  # nothing recorded: not a trial of this search's study
+                self.tracker.log(st.run_id, [], tags={"orch.status": "discarded",
+                                                      "orch.error": "started as its driver was killed; never saved"})
+                self.tracker.end(st.run_id, "interrupted")
+                self.store.delete_trial(self.search_id, tid)
+                del self.trials[tid]
+                dirty.pop(tid, None)
+        return ended
 
     def _row(self, st: TrialState) -> dict:
         hist = [st.history[e] for e in sorted(st.history)]
@@ -273,9 +343,56 @@ def trials_csv(trials) -> str:
     return buf.getvalue()
 
 
+class SearchInputError(Exception):
+    """A search cannot be resumed as asked; the message says why and what to do."""
+
+
+def options_of(record) -> SearchOptions:
+    """The options a stored search ran with."""
+    names = {f for f in SearchOptions.__dataclass_fields__}
+    kw = {k: v for k, v in record.config.items() if k in names}
+    if kw.get("synthetic_size"):
+        kw["synthetic_size"] = tuple(kw["synthetic_size"])
+    return SearchOptions(**kw)
+
+
+def check_resumable(store, search_id: str, *, storage: str | None, home: Path) -> tuple[object, str]:
+    """The stored search and the Tune experiment folder to restore it from, or SearchInputError.
+
+    The folder is ``<storage>/<search id>``: ``storage`` is --storage/ORCH_STORAGE when given,
+    else the one the search ran with. Tune restores pickled state from it (code runs on load), so
+    it must lie inside the state folder or the storage the user named, links followed."""
+    from ray.tune import Tuner
+
+    from orchestrator.home import confined, driver_alive
+
+    rec = store.get_search(search_id)
+    if rec is None:
+        raise SearchInputError(f"no search {search_id!r} in {store.masked_url}; `orch runs list` shows the searches")
+    if rec.status == "finished":
+        raise SearchInputError(f"search {search_id} already finished; `orch runs show {search_id}` shows it")
+    if rec.status == "running" and driver_alive(rec.config.get("driver")):
+        raise SearchInputError(f"search {search_id} is being run by process {rec.config['driver']}; "
+                               f"wait for it, or stop it first")
+    ran_at = rec.config.get("storage_path")
+    root = storage or ran_at or str(home / "ray")
+    path = root.rstrip("/") + "/" + search_id if "://" in root else str(Path(root) / search_id)
+    if not confined(path, [str(home), storage]):
+        raise SearchInputError(
+            f"search {search_id}'s Tune state is at {path}, outside the state folder {home}; Tune loads "
+            f"pickled state from it, so pass --storage {root} if you trust that folder")
+    if not Tuner.can_restore(path):
+        raise SearchInputError(f"no Tune state for search {search_id} at {path}; pass the --storage it ran with")
+    return rec, path
+
+
 def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: str | Path,
-               on_change: Callable[[dict], None] | None = None, search_id: str | None = None) -> SearchOutcome:
-    """Run one search end to end; the store and MLflow hold everything when it returns."""
+               on_change: Callable[[dict], None] | None = None, search_id: str | None = None,
+               resume=None) -> SearchOutcome:
+    """Run one search end to end; the store and MLflow hold everything when it returns.
+
+    ``resume``: ``(record, experiment path)`` from :func:`check_resumable`: continue that search
+    (its Tune experiment, Optuna study, checkpoints, rows and MLflow runs) instead of a new one."""
     import optuna
     import ray
     from ray import tune
@@ -290,19 +407,37 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     gpt, cpt, concurrency = cluster_mod.plan_resources(
         cluster, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial, cpus_per_trial=opts.cpus_per_trial)
-    search_id = search_id or new_search_id()
-    config = opts.as_config() | {"concurrency": concurrency, "gpus_per_trial": gpt}
+    from orchestrator.home import driver_token
 
     b0 = measure(scaling.network_spec(1.0, 1.0, opts.base_resolution, num_classes=opts.num_classes))
-    parent = tracker.start_run(
-        opts.name,
-        params={k: v for k, v in config.items() if k not in ("extra",) and v is not None},
-        tags={"orch.kind": "search", "orch.search_id": search_id},
-    )
-    store.create_search(search_id, opts.name, config, mlflow_run_id=parent)
+    prior = []
+    if resume is not None:
+        record, experiment_path = resume
+        search_id, parent = record.id, record.mlflow_run_id
+        config = dict(record.config) | {"driver": driver_token(), "resumes": record.config.get("resumes", 0) + 1}
+        tracker.reopen(parent)
+        store.update_search(search_id, status="running", finished_at=None, error=None, config=config)
+        prior = store.trials(search_id)
+    else:
+        search_id = search_id or new_search_id()
+        config = opts.as_config() | {"concurrency": concurrency, "gpus_per_trial": gpt}
+        parent = tracker.start_run(
+            opts.name,
+            params={k: v for k, v in config.items() if k not in ("extra",) and v is not None},
+            tags={"orch.kind": "search", "orch.search_id": search_id},
+        )
+        config |= {"storage_path": str(storage_path), "driver": driver_token()}
+        store.create_search(search_id, opts.name, config, mlflow_run_id=parent)
 
     registry = NetworkRegistry.options(name=registry_name(search_id), **cluster_mod.on_driver_node()).remote()
+    # Networks earlier drivers of this search trained: a resumed duplicate replays, not retrains.
+    for t in prior:
+        if t.status in ("finished", "stopped") and not t.reused_from and t.history:
+            ray.get(registry.claim.remote(t.network_key, t.trial_id))
+            ray.get(registry.finish.remote(t.network_key, t.trial_id, t.history))
     sink = Sink(store, tracker, search_id, parent, opts, b0.macs, registry, on_change)
+    sink.preload(prior)
+    _SINKS[search_id] = sink
     settings = {
         "search_id": search_id, "base_resolution": opts.base_resolution, "num_classes": opts.num_classes,
         "dedupe": not opts.work_s, "work_s": opts.work_s,
@@ -337,19 +472,25 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     resources = {"cpu": cpt, "gpu": gpt}
     t0 = time.monotonic()
     interrupted, error = False, None
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings), resources)
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trial_fn, settings=settings), resources),
-            param_space=param_space,
-            tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-                                        reuse_actors=True, max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(
-                name=search_id, storage_path=str(storage_path), verbose=0,
-                callbacks=[_callback_class()(sink)],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-            ),
-        )
+        if resume is not None:
+            # Tune restores the trials, their checkpoints, the searcher (the Optuna study, which
+            # continues) and ASHA; errored trials stay failed: they used up their retries.
+            tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space,
+                tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                            reuse_actors=True, max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(
+                    name=search_id, storage_path=str(storage_path), verbose=0,
+                    callbacks=[_callback_class()(search_id)],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+                ),
+            )
         with _SigintWatch() as sigint:
             grid = tuner.fit()
         interrupted = sigint.fired or _unfinished(grid)
@@ -359,8 +500,14 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     wall = time.monotonic() - t0
     try:
+        if resume is not None and not error:
+            try:
+                sink.reconcile(_tune_trials(experiment_path))
+            except Exception as e:  # noqa: BLE001 - the rows keep what the sink saw; say why
+                error = f"reading Tune's record of {experiment_path} failed: {e}"
         sink.close(interrupted=interrupted)
     finally:
+        _SINKS.pop(search_id, None)
         try:
             ray.kill(registry)
         except Exception:
@@ -406,18 +553,28 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     return SearchOutcome(search_id, parent, status, len(trials), summary.get("best"), summary)
 
 
+def sink_of(search_id: str):
+    """The sink of a search this driver runs (module level: pickled callbacks refer to it by name)."""
+    return _SINKS.get(search_id)
+
+
 def _callback_class():
     from ray import tune
 
     class SinkCallback(tune.Callback):
         """Forwards Tune's trial events to the sink. Tune pickles its experiment state, the
-        callbacks included; the sink (threads, connections) lives only in this driver."""
+        callbacks included, so this holds only the search id and finds the sink (threads,
+        connections) of whichever driver runs the search now: a resumed one too."""
 
-        def __init__(self, sink):
-            self.sink = sink
+        def __init__(self, search_id: str):
+            self.search_id = search_id
 
         def __getstate__(self):
-            return {"sink": None}
+            return {"search_id": self.search_id}
+
+        @property
+        def sink(self):
+            return sink_of(self.search_id)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if self.sink:
@@ -472,6 +629,22 @@ class _SigintWatch:
                 self.fired = True
             signal.signal(signal.SIGINT, self._previous)
         return False
+
+
+def _tune_trials(experiment_path: str) -> list[dict]:
+    """Tune's saved record of every trial of an experiment: id, status, error, reported rows."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(experiment_path)
+    keep = ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s", "images_per_s", "node_id", "pid")
+    out = []
+    for trial in analysis.trials:
+        df = analysis.trial_dataframes.get(trial.trial_id)
+        rows = [] if df is None or df.empty else [
+            {k: r[k] for k in keep if k in r and r[k] == r[k]} for r in df.to_dict("records")]
+        out.append({"trial_id": trial.trial_id, "status": trial.status, "rows": rows,
+                    "error": _trial_error(trial) if trial.status == "ERROR" else None})
+    return out
 
 
 def _unfinished(grid) -> bool:

@@ -7,6 +7,7 @@ Runs inside Ray workers: imports ray and the workers package, never mlflow or sq
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 
@@ -81,7 +82,7 @@ def trial_fn(config: dict, settings: dict) -> None:
     cand = space.candidate(alpha, beta, gamma, base_resolution=settings["base_resolution"],
                            num_classes=settings["num_classes"])
     trial_id = tune.get_context().get_trial_id()
-    extra = {"network_key": cand.key, "node_id": ray.get_runtime_context().get_node_id()}
+    extra = {"network_key": cand.key, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
     if settings.get("work_s"):  # benchmarks/bookkeeping.py: fixed work instead of training
         _fixed_work(alpha, beta, gamma, settings["work_s"], settings["train"]["epochs"], extra)
         return
@@ -106,13 +107,27 @@ def trial_fn(config: dict, settings: dict) -> None:
                 break
             time.sleep(REUSE_POLL_S)
 
+    # A trial resumed from a checkpoint sends the checkpoint's epochs along with its first report:
+    # a driver that died between the checkpoint and writing those epochs gets them now (it
+    # ignores epochs it has). Re-reporting them one by one would advance ASHA's clock.
+    earlier = {"earlier": state["history"]} if state and state.get("history") else {}
+
     def report(metrics: dict, ckpt: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as d:
             train.save_checkpoint(ckpt, d)
-            tune.report({**metrics, **extra}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**metrics, **extra, **earlier}, checkpoint=tune.Checkpoint.from_directory(d))
+        earlier.clear()
 
     cfg = dict(settings["train"], spec=cand.spec)
-    train.run(cfg, report, state=state)
+    try:
+        train.run(cfg, report, state=state)
+        if earlier:  # the checkpoint was already at the last epoch: nothing was reported
+            tune.report({**state["history"][-1], **extra, **earlier})
+    except train.TrialDiverged as e:
+        # Deterministic: a retry from the last checkpoint diverges again, so end the trial now
+        # (no --max-failures retries) with the reason. NaN tells Optuna the trial failed; ASHA
+        # ignores it. The driver marks the trial failed.
+        tune.report({"val_top1": float("nan"), "diverged": str(e), **extra})
 
 
 def _fixed_work(alpha: float, beta: float, gamma: float, work_s: float, epochs: int, extra: dict) -> None:

@@ -364,6 +364,12 @@ class ResultsStore:
 
         self._write(fn)
 
+    def delete_trial(self, search_id: str, trial_id: str) -> None:
+        """Drop a row that holds nothing: a trial its driver started as it was killed, which the
+        resumed search never knew (see Sink.reconcile)."""
+        self._write(lambda s: s.execute(
+            sa.delete(Trial).where(Trial.search_id == search_id, Trial.trial_id == trial_id)))
+
     def trials(self, search_id: str) -> list[TrialRecord]:
         with self.session() as s:
             rows = s.scalars(sa.select(Trial).where(Trial.search_id == search_id).order_by(Trial.id)).all()

@@ -1,0 +1,164 @@
+"""Faults done for real: a driver SIGKILLed mid-search (then `--resume`) and mid-scale (then the
+same command again), a trial's worker process killed, a diverging trial. Every one ends with the
+requested rows, each once, and no MLflow run left RUNNING."""
+
+import glob
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator import space
+from orchestrator.cli import main
+from orchestrator.store import ResultsStore
+from tests.conftest import TINY, error_line
+
+pytestmark = pytest.mark.slow
+
+
+def spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`orch …` in its own session, so that what it leaves behind can be reaped by group."""
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env,
+                            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"), start_new_session=True)
+
+
+def sigkill(p: subprocess.Popen) -> None:
+    """SIGKILL the driver alone (a crash), then reap what it started (Ray's agents survive it)."""
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    time.sleep(1)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for(p: subprocess.Popen, log: Path, done, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        assert p.poll() is None, Path(f"{log}.err").read_text()[-3000:]
+        got = done()
+        if got:
+            return got
+    pytest.fail(f"timed out; stderr: {Path(f'{log}.err').read_text()[-2000:]}")
+
+
+def finish(p: subprocess.Popen, log: Path, timeout: float = 300) -> dict:
+    try:
+        p.wait(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 0, Path(f"{log}.err").read_text()[-3000:]
+    return json.loads(Path(f"{log}.out").read_text())
+
+
+def mlflow_client(home: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+
+
+def children(client, parent_id: str):
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def study_trials(experiment_dir: Path):
+    """The Optuna study as Tune saved it with the searcher (newest state file)."""
+    newest = sorted(glob.glob(str(experiment_dir / "searcher-state-*.pkl")))[-1]
+    with open(newest, "rb") as f:
+        return pickle.load(f)["_ot_study"].trials
+
+
+def test_sigkilled_search_resumes_and_sigkilled_scale_reruns(tmp_path):
+    home = tmp_path / "home"
+    env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("RAY_ADDRESS", None)
+    store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+
+    # --- search: SIGKILL once trials have reported (and checkpointed) an epoch
+    log = tmp_path / "search1"
+    p = spawn(["search", "--gpus", "0", "--trials", "4", "--epochs", "3", "--grace-epochs", "3", "--json", *TINY],
+              env, log)
+
+    def reported():
+        searches = store.list_searches()
+        trials = store.trials(searches[0].id) if searches else []
+        return (searches[0].id, trials) if any(t.epochs_done >= 1 for t in trials) else None
+
+    search_id, _ = wait_for(p, log, reported)
+    time.sleep(1.5)  # let the sink flush what the trials reported with the checkpoint
+    sigkill(p)
+    before = {t.trial_id: t for t in store.trials(search_id)}
+    assert store.get_search(search_id).status == "running"  # the killed driver could not say otherwise
+    pre_study = [t.params for t in study_trials(home / "ray" / search_id)]
+
+    log = tmp_path / "search2"
+    out = finish(spawn(["search", "--resume", search_id, "--json"], env, log), log)
+    assert out["search_id"] == search_id and out["status"] == "finished" and out["n_trials"] == 4
+
+    trials = store.trials(search_id)
+    assert len(trials) == 4 and len({t.trial_id for t in trials}) == 4  # requested, no duplicate rows
+    assert all(t.status == "finished" and [h["epoch"] for h in t.history] == [1, 2, 3] for t in trials), \
+        [(t.trial_id, t.status, t.epochs_done) for t in trials]
+    by_id = {t.trial_id: t for t in trials}
+    for tid, old in before.items():  # nothing recorded before the kill is lost or retrained
+        assert tid in by_id
+        assert by_id[tid].history[:old.epochs_done] == old.history
+    for t in trials:  # a trial in flight at the kill continued in a new process from its checkpoint
+        old = before.get(t.trial_id)
+        if old and 1 <= old.epochs_done < 3:
+            assert t.history[-1]["pid"] != old.history[-1]["pid"]
+    paper = [t for t in trials if (t.alpha, t.beta, t.gamma) == (1.2, 1.1, 1.15)]
+    assert len(paper) == 1  # the study continued: a restarted one would enqueue the paper point again
+    post_study = study_trials(home / "ray" / search_id)
+    assert len(post_study) == 4 and [t.params for t in post_study[:len(pre_study)]] == pre_study
+    assert sum(1 for t in post_study if t.user_attrs.get(space.PAPER_ATTR)) == 1
+
+    client = mlflow_client(home)
+    runs = children(client, out["mlflow_run_id"])
+    assert len(runs) == 4 and {r.info.run_id for r in runs} == {t.mlflow_run_id for t in trials}
+    assert client.get_run(out["mlflow_run_id"]).info.status == "FINISHED"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for r in runs:  # each epoch logged once: continued, not restarted
+        steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_top1"))
+        assert steps == [1, 2, 3], (r.data.tags.get("orch.trial_id"), steps)
+
+    # a finished search is not resumed twice
+    res = CliRunner().invoke(main, ["search", "--resume", search_id], env={"ORCH_HOME": str(home)})
+    assert res.exit_code == 2 and "already finished" in error_line(res)
+
+    # --- scale: SIGKILL once a model reported an epoch, then the same command again
+    args = ["scale", "--from-run", search_id, "--phis", "1", "--epochs", "2", "--json"]
+    log = tmp_path / "scale1"
+    p = spawn(args, env, log)
+
+    def model_reported():
+        scales = store.list_scales()
+        runs = store.scale_runs(scales[0].id) if scales else []
+        return scales[0].id if any(r.epochs_done >= 1 for r in runs) else None
+
+    scale_id = wait_for(p, log, model_reported)
+    time.sleep(1.0)
+    sigkill(p)
+    log = tmp_path / "scale2"
+    out = finish(spawn(args, env, log), log)
+    assert out["scale_id"] == scale_id and out["status"] == "finished"
+    rows = store.scale_runs(scale_id)
+    assert [r.model for r in rows] == ["B0", "B1"]
+    assert all(r.status == "finished" and [h["epoch"] for h in r.history] == [1, 2] for r in rows)
+    runs = children(client, store.get_scale(scale_id).mlflow_run_id)
+    assert len(runs) == 2 and {r.info.run_id for r in runs} == {r.mlflow_run_id for r in rows}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    store.close()
