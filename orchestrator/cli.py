@@ -122,6 +122,15 @@ def main():
     orch scale --from-run <id>     train B1..B7 from a search's winner
     orch ui                        compare the family in the MLflow UI
     """
+    import logging
+
+    # orch's own warnings (a store write being retried, …) go to stderr as one line each
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("orch: %(message)s"))
+    orch_log = logging.getLogger("orch")
+    orch_log.handlers = [handler]
+    orch_log.setLevel(logging.WARNING)
+    orch_log.propagate = False
 
 
 # --------------------------------------------------------------------------- orch plan

@@ -109,3 +109,57 @@ def mlflow_server(tmp_path, createdb):
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture
+def private_postgres():
+    """A PostgreSQL server of the test's own (initdb into a temporary folder, 127.0.0.1, a free
+    port), so a test can stop and start it without touching the shared one; stopped by the PID
+    in its postmaster.pid. As root, the server runs as the `postgres` user (it refuses root)."""
+    import glob
+    import shutil
+    import tempfile
+
+    bindir = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1] if glob.glob("/usr/lib/postgresql/*/bin") \
+        else os.path.dirname(shutil.which("initdb") or "")
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = tempfile.mkdtemp(prefix="orch-pg-", dir="/tmp")
+    os.chmod(root, 0o777)
+    data, port = os.path.join(root, "data"), _free_port()
+    subprocess.run([*as_pg, f"{bindir}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    class Server:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+
+        def start(self):
+            subprocess.run([*as_pg, f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(root, "log"), "-w", "-o",
+                            f"-p {port} -c listen_addresses=127.0.0.1 -k {root}", "start"],
+                           check=True, stdout=subprocess.DEVNULL)
+
+        def stop(self):
+            subprocess.run([*as_pg, f"{bindir}/pg_ctl", "-D", data, "-m", "fast", "-w", "stop"],
+                           check=True, stdout=subprocess.DEVNULL)
+
+        def pid(self):
+            try:
+                with open(os.path.join(data, "postmaster.pid")) as f:
+                    return int(f.readline())
+            except (OSError, ValueError):
+                return None
+
+    server = Server()
+    server.start()
+    try:
+        yield server
+    finally:
+        pid = server.pid()
+        if pid:
+            try:
+                os.kill(pid, signal.SIGQUIT)  # immediate shutdown
+                for _ in range(50):
+                    os.kill(pid, 0)
+                    time.sleep(0.1)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(root, ignore_errors=True)

@@ -162,3 +162,113 @@ def test_sigkilled_search_resumes_and_sigkilled_scale_reruns(tmp_path):
     assert len(runs) == 2 and {r.info.run_id for r in runs} == {r.mlflow_run_id for r in rows}
     assert all(r.info.status == "FINISHED" for r in runs)
     store.close()
+
+
+def _search_in_process(args):
+    res = CliRunner().invoke(main, ["search", "--json", *TINY, *args], catch_exceptions=False)
+    return res
+
+
+def test_killed_trial_worker_is_retried_from_its_checkpoint(ray_session, home):
+    import threading
+
+    from ray.tune import ExperimentAnalysis
+
+    killed = {}
+
+    def kill_a_worker():  # SIGKILL the process of the first trial seen mid-way
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            time.sleep(0.2)
+            if not (home / "orch.db").exists():
+                continue
+            store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+            searches = store.list_searches()
+            for t in store.trials(searches[0].id) if searches else []:
+                if 1 <= t.epochs_done < 3 and t.status == "running":
+                    os.kill(t.history[-1]["pid"], signal.SIGKILL)
+                    killed.update(trial_id=t.trial_id, pid=t.history[-1]["pid"], epochs=t.epochs_done)
+                    break
+            store.close()
+
+    killer = threading.Thread(target=kill_a_worker)
+    killer.start()
+    res = _search_in_process(["--gpus", "0", "--trials", "2", "--epochs", "4", "--grace-epochs", "4"])
+    killer.join()
+    assert res.exit_code == 0, res.output
+    assert killed, "no trial was seen mid-way"
+    out = json.loads(res.stdout)
+    store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+    trials = store.trials(out["search_id"])
+    assert len(trials) == 2  # one row per trial, the retried one included
+    (t,) = [t for t in trials if t.trial_id == killed["trial_id"]]
+    assert t.status == "finished" and [h["epoch"] for h in t.history] == [1, 2, 3, 4]
+    assert t.history[0]["pid"] == killed["pid"] and t.history[-1]["pid"] != killed["pid"]  # resumed elsewhere
+    tune_trial = {x.trial_id: x for x in ExperimentAnalysis(str(home / "ray" / out["search_id"])).trials}[t.trial_id]
+    assert tune_trial.run_metadata.num_failures == 1  # retried once (--max-failures 2)
+
+    client = mlflow_client(home)
+    runs = children(client, out["mlflow_run_id"])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    (run,) = [r for r in runs if r.info.run_id == t.mlflow_run_id]
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_top1"))
+    assert steps == [1, 2, 3, 4]  # continued from the checkpoint: no epoch logged twice
+    store.close()
+
+
+def test_diverging_trial_fails_with_the_reason_and_is_not_retried(ray_session, home):
+    from ray.tune import ExperimentAnalysis
+
+    from orchestrator import cluster as cluster_mod
+    from orchestrator.errors import SearchFailed
+    from orchestrator.search import SearchOptions, run_search
+    from orchestrator.tracking import Tracker
+
+    # --lr stops at 10 on the command line; 1e6 makes every trial's loss NaN in its first epoch
+    opts = SearchOptions(name="diverge", trials=2, epochs=2, grace_epochs=2, lr=1e6, gpus=0, batch_size=32,
+                         synthetic_size=(128, 64), max_failures=2)
+    store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+    tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", opts.experiment, home / "mlartifacts")
+    with pytest.raises(SearchFailed, match="no trial finished"):
+        run_search(opts, store=store, tracker=tracker, cluster=cluster_mod.connect(None),
+                   storage_path=home / "ray", search_id="search-diverge")
+    trials = store.trials("search-diverge")
+    assert len(trials) == 2  # the first divergence did not stop the search
+    for t in trials:
+        assert t.status == "failed" and "lower the learning rate" in t.error and t.history == []
+    for x in ExperimentAnalysis(str(home / "ray" / "search-diverge")).trials:
+        assert x.run_metadata.num_failures == 0  # deterministic: not retried --max-failures times
+    runs = children(mlflow_client(home), store.get_search("search-diverge").mlflow_run_id)
+    assert len(runs) == 2
+    assert all(r.info.status == "FAILED" and "lower the learning rate" in r.data.tags["orch.error"] for r in runs)
+    store.close()
+
+
+def test_postgresql_restart_mid_search_loses_nothing(tmp_path, private_postgres):
+    home = tmp_path / "home"
+    env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true", ORCH_DB_URL=private_postgres.url)
+    env.pop("RAY_ADDRESS", None)
+    store = ResultsStore(private_postgres.url)
+    log = tmp_path / "search"
+    p = spawn(["search", "--gpus", "0", "--trials", "3", "--epochs", "3", "--grace-epochs", "3", "--json", *TINY],
+              env, log)
+    wait_for(p, log, lambda: any(t.epochs_done >= 1 for s in store.list_searches() for t in store.trials(s.id)))
+    store.close()
+    private_postgres.stop()  # the server goes away while trials keep reporting...
+    time.sleep(4)
+    assert p.poll() is None, Path(f"{log}.err").read_text()[-3000:]
+    private_postgres.start()  # ... and comes back: the driver's writes were retried with backoff
+    out = finish(p, log)
+    assert out["status"] == "finished" and out["n_trials"] == 3
+    err = Path(f"{log}.err").read_text()
+    assert "Traceback" not in err and "connection failed" in err and "retrying in" in err, err[-2000:]  # it did hit the outage
+
+    store = ResultsStore(private_postgres.url)
+    trials = store.trials(out["search_id"])
+    assert len(trials) == 3
+    assert all(t.status == "finished" and [h["epoch"] for h in t.history] == [1, 2, 3] for t in trials)
+    client = mlflow_client(home)
+    for t in trials:  # the store holds every epoch MLflow got
+        logged = sorted(client.get_metric_history(t.mlflow_run_id, "val_top1"), key=lambda m: m.step)
+        assert [m.value for m in logged] == pytest.approx([h["val_top1"] for h in t.history])
+    store.close()

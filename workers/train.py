@@ -244,6 +244,8 @@ def run(
         # count depends on each rank's shard size.
         val_top1, val_loss = evaluate(fwd if world == 1 else model, val, device, batch_size=max(bs, 256), channels_last=channels_last, amp=amp)
         eval_s = time.perf_counter() - t1
+        if not math.isfinite(val_loss):
+            raise TrialDiverged(f"validation loss became {val_loss} in epoch {epoch + 1}; lower the learning rate")
         metrics = {
             "epoch": epoch + 1,
             "val_top1": val_top1,

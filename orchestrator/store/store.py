@@ -8,6 +8,7 @@ never rows or sessions. Trial writes are idempotent upserts keyed by (search, Tu
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -20,8 +21,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.store.models import Base, Scale, ScaleRun, Search, Trial
 
+log = logging.getLogger("orch.store")
+
 #: Transient errors (a restarting server, a locked SQLite file) are retried this many times.
 WRITE_RETRIES = 6
+#: pg_advisory_lock key that serialises schema checks and creation ("orch" in ASCII).
+SCHEMA_LOCK_KEY = 0x6F726368
 
 
 class StoreError(Exception):
@@ -209,6 +214,10 @@ class ResultsStore:
 
     def upgrade(self) -> tuple[str | None, str]:
         """Migrate to head; returns (from, to)."""
+        with self._schema_lock():
+            return self._upgrade()
+
+    def _upgrade(self) -> tuple[str | None, str]:
         from alembic import command
 
         before = self.current_revision()
@@ -223,7 +232,36 @@ class ResultsStore:
                 raise StoreError(f"upgrading {self.masked_url} failed: {_one_line(e)}") from None
         return before, head_revision()
 
+    @contextlib.contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """One process at a time checks and creates the schema: two `orch` processes opening a
+        new, empty store at once would otherwise see each other's half-made schema. SQLite: a
+        lock file beside the database; PostgreSQL: a session advisory lock."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            import fcntl
+
+            with open(f"{url.database}.orch-lock", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        elif url.get_backend_name() == "postgresql":
+            with self._connect() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEMA_LOCK_KEY})
+        else:
+            yield
+
     def check_schema(self) -> None:
+        with self._schema_lock():
+            self._check_schema()
+
+    def _check_schema(self) -> None:
         head = head_revision()
         rev = self.current_revision()
         if rev == head:
@@ -233,7 +271,7 @@ class ResultsStore:
                 tables = sa.inspect(conn).get_table_names()
             ours = {t.name for t in Base.metadata.sorted_tables}
             if not tables:
-                self.upgrade()  # only an empty database is created automatically
+                self._upgrade()  # only an empty database is created automatically
                 return
             if ours & set(tables):
                 raise SchemaOutOfDate(
@@ -280,6 +318,7 @@ class ResultsStore:
                 )
                 if not transient or attempt == WRITE_RETRIES:
                     raise
+                log.warning("%s; retrying in %.1fs", e, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
