@@ -3,6 +3,7 @@ defaults: orch.db (results store), mlflow.db (tracking store), mlartifacts/, ray
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -75,3 +76,17 @@ def confined(path: str, roots: list[str | None]) -> bool:
             if real == base or base in real.parents:
                 return True
     return False
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike):
+    """An exclusive lock on ``path`` (created if missing) between processes of this machine:
+    what two `orch` processes must not do at once to a new SQLite file (create its schema)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

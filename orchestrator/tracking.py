@@ -59,6 +59,21 @@ def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     )
 
 
+def _init_lock(uri: str):
+    """Two `orch` processes opening a new local SQLite tracking store at once would both run
+    MLflow's schema creation and create the experiment; they take turns instead."""
+    import contextlib
+
+    from orchestrator.home import file_lock
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and ":memory:" not in uri:
+        path = Path(uri[len("sqlite:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return file_lock(f"{path}.orch-lock")
+    return contextlib.nullcontext()
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: str | os.PathLike | None = None):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -71,14 +86,22 @@ class Tracker:
         check_reachable(uri)
         import logging
 
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
+        import mlflow.tracking  # noqa: F401
 
         # After the import (mlflow sets its own level on import): no migration chatter on stderr.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
         self.uri = uri
+        with _init_lock(uri):
+            self.experiment_id = self._experiment(experiment, artifact_root)
+        self.experiment = experiment
+
+    def _experiment(self, experiment: str, artifact_root) -> str:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        uri = self.uri
         self.client = MlflowClient(tracking_uri=uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)
@@ -96,9 +119,10 @@ class Tracker:
             else:
                 exp_id = exp.experiment_id
         except MlflowException as e:
+            if e.error_code == "RESOURCE_ALREADY_EXISTS":  # another orch created it meanwhile (a server)
+                return self.client.get_experiment_by_name(experiment).experiment_id
             raise TrackingError(f"MLflow at {mask_uri(uri)}: {str(e).splitlines()[0]}") from None
-        self.experiment_id = exp_id
-        self.experiment = experiment
+        return exp_id
 
     def start_run(self, name: str, *, parent_id: str | None = None, params: dict | None = None,
                   tags: dict | None = None) -> str:

@@ -272,3 +272,41 @@ def test_postgresql_restart_mid_search_loses_nothing(tmp_path, private_postgres)
         logged = sorted(client.get_metric_history(t.mlflow_run_id, "val_top1"), key=lambda m: m.step)
         assert [m.value for m in logged] == pytest.approx([h["val_top1"] for h in t.history])
     store.close()
+
+
+def test_concurrent_searches_share_one_store_without_crossing(tmp_path, createdb):
+    """Four `orch search` processes at once against one Ray head: two on one SQLite store, two
+    on one PostgreSQL database, all four on one local MLflow store (the state folder's)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        home = tmp_path / "home"
+        pg = createdb("orch_concurrent")
+        env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true", RAY_ADDRESS=cluster.address)
+        procs = []
+        for i, db in enumerate([None, None, pg, pg]):
+            e = dict(env, **({"ORCH_DB_URL": db} if db else {}))
+            args = ["search", "--gpus", "0", "--trials", "2", "--epochs", "1", "--seed", str(i), "--name", f"c{i}",
+                    "--json", *TINY]
+            procs.append((spawn(args, e, tmp_path / f"c{i}"), tmp_path / f"c{i}", db))
+        outs = [(finish(p, log), log, db) for p, log, db in procs]
+    finally:
+        cluster.shutdown()
+
+    assert len({o["search_id"] for o, _, _ in outs}) == 4
+    for out, log, _ in outs:
+        err = Path(f"{log}.err").read_text()
+        assert out["status"] == "finished" and out["n_trials"] == 2
+        assert "locked" not in err and "Traceback" not in err, err[-2000:]
+    client = mlflow_client(home)
+    for db in (f"sqlite:///{home / 'orch.db'}", pg):
+        store = ResultsStore(db)
+        mine = [o for o, _, d in outs if (d or f"sqlite:///{home / 'orch.db'}") == db]
+        assert {s.id for s in store.list_searches()} == {o["search_id"] for o in mine}  # no rows crossed
+        for o in mine:
+            trials = store.trials(o["search_id"])
+            runs = children(client, o["mlflow_run_id"])
+            assert len(trials) == 2 and {t.mlflow_run_id for t in trials} == {r.info.run_id for r in runs}
+            assert all(r.data.tags["orch.search_id"] == o["search_id"] for r in runs)
+        store.close()

@@ -239,14 +239,10 @@ class ResultsStore:
         lock file beside the database; PostgreSQL: a session advisory lock."""
         url = self.engine.url
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            import fcntl
+            from orchestrator.home import file_lock
 
-            with open(f"{url.database}.orch-lock", "a") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+            with file_lock(f"{url.database}.orch-lock"):
+                yield
         elif url.get_backend_name() == "postgresql":
             with self._connect() as conn:
                 conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
