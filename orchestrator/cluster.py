@@ -91,7 +91,9 @@ def resolve_storage(info: ClusterInfo, storage: str | None, default: "os.PathLik
     if storage:
         if "://" in storage:
             return storage
-        return str(Path(storage).expanduser().resolve())
+        path = Path(storage).expanduser().resolve()
+        _check_writable(path)
+        return str(path)
     if info.nodes > 1 or (info.address or "").startswith("ray://"):
         where = f"{info.nodes} nodes" if info.nodes > 1 else f"a remote cluster ({info.address})"
         raise ClusterError(
@@ -99,6 +101,16 @@ def resolve_storage(info: ClusterInfo, storage: str | None, default: "os.PathLik
             f"pass --storage with a path every node mounts (NFS) or a bucket URI (s3://bucket/orch)"
         )
     return str(Path(default).resolve())
+
+
+def _check_writable(path: Path) -> None:
+    """--storage must be writable here too: the driver writes the experiment's state there."""
+    from orchestrator.home import ensure_writable
+
+    try:
+        ensure_writable(path, what="--storage", fix="pass a writable --storage")
+    except PermissionError as e:
+        raise ClusterError(str(e)) from None
 
 
 def shutdown(info: ClusterInfo | None) -> None:

@@ -31,15 +31,15 @@ def ray_storage(home: Path) -> Path:
     return home / "ray"
 
 
-def ensure_writable(home: Path) -> None:
-    """Create the state folder; a clear error when it cannot be written."""
+def ensure_writable(home: Path, what: str = "state folder", fix: str = "set ORCH_HOME to a writable folder") -> None:
+    """Create the folder (the state folder by default); a clear error when it cannot be written."""
     try:
         home.mkdir(parents=True, exist_ok=True)
         probe = home / ".orch-write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"state folder {home} is not writable ({e.strerror}); set ORCH_HOME to a writable folder") from None
+        raise PermissionError(f"{what} {home} is not writable ({e.strerror}); {fix}") from None
 
 
 def driver_token() -> str:

@@ -318,6 +318,21 @@ class Sink:
         }
 
 
+def explain_failure(error: str | None, trials, storage_path) -> str:
+    """The one line a failed search ends with: the cause users can act on, when the trials' own
+    errors name it (a full disk surfaces in Tune as whatever it broke next)."""
+    failed = [t for t in trials if t.status == "failed" and t.error]
+    texts = [error or ""] + [t.error for t in failed]
+    if any("No space left on device" in x or "Errno 28" in x for x in texts):
+        return (f"the disk is full (No space left on device) writing checkpoints under {storage_path}; "
+                f"free space there or pass --storage with room")
+    if error:
+        return error
+    if failed and len(failed) == len(trials):
+        return f"no trial finished (trial {failed[0].trial_id}: {failed[0].error.splitlines()[0][:300]})"
+    return "no trial finished"
+
+
 def pick_winner(trials, *, target: float = scaling.TARGET_FLOPS_FACTOR, flops_tolerance: float = 0.25):
     """The best val top-1 among trials that ran every epoch and whose *measured* FLOPs ratio to
     B0 is within ``flops_tolerance`` (relative) of the target; stopped trials only if none
@@ -533,8 +548,8 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
                            "val_top1": best.val_top1, "flops_ratio": best.flops_ratio,
                            "resolution": best.resolution, "network_key": best.network_key}
     status = "failed" if error else "interrupted" if interrupted else ("finished" if best else "failed")
-    if status == "failed" and not error:
-        error = "no trial finished"
+    if status == "failed":
+        error = explain_failure(error, trials, storage_path)
     store.update_search(search_id, status=status, finished_at=_now(), summary=summary,
                         best_trial_id=best.trial_id if best else None, error=error)
     if best is not None:

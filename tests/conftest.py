@@ -163,3 +163,25 @@ def private_postgres():
             except ProcessLookupError:
                 pass
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a real tmpfs (size in MB, optionally read-only) and unmount it after the test: a
+    full disk and a read-only folder, for real. Needs the right to mount (root, as on this
+    project's machines and CI)."""
+    mounts = []
+
+    def mount(size_mb: int, read_only: bool = False):
+        where = tmp_path / f"tmpfs{len(mounts)}"
+        where.mkdir()
+        opts = f"size={size_mb}m" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)
