@@ -489,13 +489,13 @@ def _resume_search(search_id, home, db_url, tracking_uri, address, storage, as_j
     store = open_store(home, db_url)
     h = home_mod.home_dir(home)
     try:
-        record, path = check_resumable(store, search_id, storage=storage, home=h)
+        record, path, restorable = check_resumable(store, search_id, storage=storage, home=h)
     except SearchInputError as e:
         raise click.UsageError(str(e))
     opts = options_of(record)
     tracker = open_tracker(home, tracking_uri, opts.experiment)
     root = path.rsplit("/", 1)[0] if "://" in path else str(Path(path).parent)  # checked by check_resumable
-    _run_search_command(opts, search_id, store, tracker, home, address, root, as_json, resume=(record, path))
+    _run_search_command(opts, search_id, store, tracker, home, address, root, as_json, resume=(record, path, restorable))
 
 
 def _run_search_command(opts, search_id, store, tracker, home, address, storage, as_json, resume=None):

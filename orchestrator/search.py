@@ -371,8 +371,9 @@ def options_of(record) -> SearchOptions:
     return SearchOptions(**kw)
 
 
-def check_resumable(store, search_id: str, *, storage: str | None, home: Path) -> tuple[object, str]:
-    """The stored search and the Tune experiment folder to restore it from, or SearchInputError.
+def check_resumable(store, search_id: str, *, storage: str | None, home: Path) -> tuple[object, str, bool]:
+    """The stored search, the Tune experiment folder to restore it from, and whether Tune saved
+    state there (if not, and nothing was trained yet, the search starts afresh); or SearchInputError.
 
     The folder is ``<storage>/<search id>``: ``storage`` is --storage/ORCH_STORAGE when given,
     else the one the search ran with. Tune restores pickled state from it (code runs on load), so
@@ -397,8 +398,12 @@ def check_resumable(store, search_id: str, *, storage: str | None, home: Path) -
             f"search {search_id}'s Tune state is at {path}, outside the state folder {home}; Tune loads "
             f"pickled state from it, so pass --storage {root} if you trust that folder")
     if not Tuner.can_restore(path):
-        raise SearchInputError(f"no Tune state for search {search_id} at {path}; pass the --storage it ran with")
-    return rec, path
+        if any(t.epochs_done for t in store.trials(search_id)):
+            raise SearchInputError(f"no Tune state for search {search_id} at {path}; pass the --storage it ran with")
+        # Its driver died before Tune saved anything and no trial reported: start it afresh,
+        # under the same id and options.
+        return rec, path, False
+    return rec, path, True
 
 
 def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: str | Path,
@@ -406,8 +411,9 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
                resume=None) -> SearchOutcome:
     """Run one search end to end; the store and MLflow hold everything when it returns.
 
-    ``resume``: ``(record, experiment path)`` from :func:`check_resumable`: continue that search
-    (its Tune experiment, Optuna study, checkpoints, rows and MLflow runs) instead of a new one."""
+    ``resume``: ``(record, experiment path, restorable)`` from :func:`check_resumable`: continue
+    that search (its Tune experiment, Optuna study, checkpoints, rows and MLflow runs) instead of
+    a new one; not restorable: run it afresh under its id, dropping its empty rows."""
     import optuna
     import ray
     from ray import tune
@@ -426,8 +432,9 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
 
     b0 = measure(scaling.network_spec(1.0, 1.0, opts.base_resolution, num_classes=opts.num_classes))
     prior = []
+    restore = False
     if resume is not None:
-        record, experiment_path = resume
+        record, experiment_path, restore = resume
         search_id, parent = record.id, record.mlflow_run_id
         config = dict(record.config) | {"driver": driver_token(), "resumes": record.config.get("resumes", 0) + 1}
         tracker.reopen(parent)
@@ -452,6 +459,8 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
             ray.get(registry.finish.remote(t.network_key, t.trial_id, t.history))
     sink = Sink(store, tracker, search_id, parent, opts, b0.macs, registry, on_change)
     sink.preload(prior)
+    if resume is not None and not restore:
+        sink.reconcile([])  # Tune knows no trial: the rows its dead driver began are dropped
     _SINKS[search_id] = sink
     settings = {
         "search_id": search_id, "base_resolution": opts.base_resolution, "num_classes": opts.num_classes,
@@ -489,7 +498,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     interrupted, error = False, None
     trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings), resources)
     try:
-        if resume is not None:
+        if restore:
             # Tune restores the trials, their checkpoints, the searcher (the Optuna study, which
             # continues) and ASHA; errored trials stay failed: they used up their retries.
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True)
@@ -515,7 +524,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     wall = time.monotonic() - t0
     try:
-        if resume is not None and not error:
+        if restore and not error:
             try:
                 sink.reconcile(_tune_trials(experiment_path))
             except Exception as e:  # noqa: BLE001 - the rows keep what the sink saw; say why
@@ -648,9 +657,19 @@ class _SigintWatch:
 
 def _tune_trials(experiment_path: str) -> list[dict]:
     """Tune's saved record of every trial of an experiment: id, status, error, reported rows."""
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(experiment_path)
+    # Without Tune's file loggers (orch records results itself) it warns once per trial that it
+    # found no result files; the trials and their statuses are what this needs.
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(experiment_path)
+    finally:
+        quiet.setLevel(level)
     keep = ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s", "images_per_s", "node_id", "pid")
     out = []
     for trial in analysis.trials:

@@ -100,7 +100,7 @@ def trial_fn(config: dict, settings: dict) -> None:
             if done and history is not None:
                 # Same network, already trained in this search: replay its reports, train nothing.
                 for metrics in history:
-                    tune.report({**metrics, **extra, "reused_from": owner})
+                    tune.report({**extra, **metrics, "reused_from": owner})  # where it was trained
                 return
             if done:  # the owner failed: train it here
                 owner = ray.get(registry.claim.remote(cand.key, trial_id))

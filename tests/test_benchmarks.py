@@ -39,3 +39,10 @@ def test_bookkeeping_quick():
     row = next(line for line in lines if re.match(r"^\s+10\s+10\s", line))  # 10 trials, 10 rows in the store
     assert float(row.split()[4]) >= 1.0  # wall ÷ ideal: the wall can't beat the ideal
     assert lines[-1].startswith("at 10 trials wall ÷ ideal = ")
+
+
+def test_faults_quick():
+    lines = _run("faults.py")  # exits non-zero itself if anything was lost, duplicated or left RUNNING
+    m = re.match(r"cycles run (\d+); trials expected 2, recorded 2; duplicate rows 0; runs left RUNNING 0; "
+                 r"lost epochs 0$", lines[-1])
+    assert m, lines[-3:]
