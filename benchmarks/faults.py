@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`orch …` in its own session (so what it leaves behind can be reaped by group), its output
+    in ``<log>.out`` / ``<log>.err``. tests/test_faults.py uses these two as well."""
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT,
                             stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"), start_new_session=True)
 

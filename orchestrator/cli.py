@@ -545,8 +545,9 @@ def _run_search_command(opts, search_id, store, tracker, home, address, storage,
         out = stdout_console()
         s = outcome.summary
         out.print(f"search {outcome.search_id} {outcome.status}: {outcome.n_trials} trials, "
-                  f"{s['n_networks']} distinct networks ({s['n_reused']} reused), {s['wall_s']:.0f}s wall, "
-                  f"efficiency {s['efficiency']}", highlight=False)
+                  f"{s['n_networks']} distinct networks ({s['n_reused']} reused), {s['wall_s']:.0f}s wall"
+                  + (f", efficiency {s['efficiency']}" if s["efficiency"] is not None else " (resumed)"),
+                  highlight=False)
         if best:
             note = "" if s["winner_within_tolerance"] else " (no trial was within --flops-tolerance; best overall)"
             out.print(f"winner {best['trial_id']}: α={best['alpha']:.4f} β={best['beta']:.4f} γ={best['gamma']:.4f} "

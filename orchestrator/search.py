@@ -544,7 +544,9 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
         "wall_s": round(wall, 3),
         "train_s": round(train_s, 3),
         "concurrency": concurrency,
-        "efficiency": round(train_s / (concurrency * wall), 4) if wall > 0 else None,
+        # A resumed search's trials trained under earlier drivers too: this driver's wall says
+        # nothing about their efficiency.
+        "efficiency": round(train_s / (concurrency * wall), 4) if wall > 0 and resume is None else None,
         "n_trials": len(trials),
         "n_networks": len({t.network_key for t in trials}),
         "n_reused": sum(1 for t in trials if t.reused_from),

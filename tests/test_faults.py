@@ -15,29 +15,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.faults import crash as sigkill
+from benchmarks.faults import spawn
 from orchestrator import space
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
 from tests.conftest import TINY, error_line
 
 pytestmark = pytest.mark.slow
-
-
-def spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """`orch …` in its own session, so that what it leaves behind can be reaped by group."""
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env,
-                            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"), start_new_session=True)
-
-
-def sigkill(p: subprocess.Popen) -> None:
-    """SIGKILL the driver alone (a crash), then reap what it started (Ray's agents survive it)."""
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    time.sleep(1)
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def wait_for(p: subprocess.Popen, log: Path, done, timeout: float = 240):
