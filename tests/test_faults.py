@@ -230,7 +230,9 @@ def test_diverging_trial_fails_with_the_reason_and_is_not_retried(ray_session, h
 def test_postgresql_restart_mid_search_loses_nothing(ray_session, home, private_postgres, monkeypatch):
     import threading
 
-    monkeypatch.setenv("ORCH_DB_URL", private_postgres.url)
+    # trust auth ignores the password; it is there to check that it is never shown or logged
+    url = private_postgres.url.replace("postgres@", "postgres:s3cret-pw@")
+    monkeypatch.setenv("ORCH_DB_URL", url)
     outage = {}
 
     def restart_when_a_trial_reported():
@@ -258,11 +260,16 @@ def test_postgresql_restart_mid_search_loses_nothing(ray_session, home, private_
     assert "Traceback" not in res.stderr and "connection failed" in res.stderr and "retrying in" in res.stderr, \
         res.stderr[-2000:]  # it did hit the outage
 
+    assert "s3cret-pw" not in res.output + res.stderr and "postgres:***@" in res.stderr
+
     store = ResultsStore(private_postgres.url)
     trials = store.trials(out["search_id"])
     assert len(trials) == 3
     assert all(t.status == "finished" and [h["epoch"] for h in t.history] == [1, 2, 3] for t in trials)
     client = mlflow_client(home)
+    for run in [client.get_run(out["mlflow_run_id"]), *children(client, out["mlflow_run_id"])]:
+        logged = json.dumps([run.data.params, run.data.tags])
+        assert "s3cret-pw" not in logged
     for t in trials:  # the store holds every epoch MLflow got
         logged = sorted(client.get_metric_history(t.mlflow_run_id, "val_top1"), key=lambda m: m.step)
         assert [m.value for m in logged] == pytest.approx([h["val_top1"] for h in t.history])
