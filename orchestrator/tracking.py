@@ -49,6 +49,14 @@ def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                     return
                 last = f"HTTP {r.status}"
         except urllib.error.HTTPError as e:
+            if e.code in (401, 403):  # MLflow behind auth: /health needs credentials too
+                raise TrackingError(
+                    f"{mask_uri(uri)} answered HTTP {e.code}: it needs credentials; set MLFLOW_TRACKING_TOKEN "
+                    f"or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+            if 400 <= e.code < 500:  # something answers, and it is not an MLflow server
+                raise TrackingError(
+                    f"{mask_uri(uri)} answered HTTP {e.code} to {p.scheme}://{p.netloc}/health: not an MLflow "
+                    f"tracking server; check --tracking-uri") from None
             last = f"HTTP {e.code}"
         except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as e:
             last = str(getattr(e, "reason", e))

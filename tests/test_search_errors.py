@@ -97,3 +97,22 @@ def test_runs_show_unknown_and_malformed_ids(home):
     for bad in ("../../etc/passwd", "x" * 10_000, "a'; DROP TABLE trials; --", "a\x00b"):
         res = CliRunner().invoke(main, ["runs", "show", bad])
         assert res.exit_code == 2 and "is not an id" in error_line(res)
+
+
+def test_tracking_uri_that_is_not_mlflow_is_refused_at_once(home):
+    """A real HTTP server that is not MLflow (it answers 404): refused at once, nothing recorded."""
+    import http.server
+    import threading
+    import time
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        res = _run(["--tracking-uri", f"http://127.0.0.1:{server.server_address[1]}"])
+        assert res.exit_code == 2 and "answered HTTP 404" in error_line(res) and "not an MLflow" in error_line(res)
+        assert time.monotonic() - t0 < 5
+    finally:
+        server.shutdown()
+        server.server_close()
+    _no_search_recorded(home)
