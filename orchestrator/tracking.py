@@ -40,11 +40,19 @@ def check_reachable(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     import urllib.request
 
     url = f"{p.scheme}://{p.netloc}/health"
+    headers = {}  # the credentials MLflow's client would send
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        import base64
+
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=max(0.5, min(3.0, deadline - time.monotonic()))) as r:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=max(0.5, min(3.0, deadline - time.monotonic()))) as r:
                 if r.status == 200:
                     return
                 last = f"HTTP {r.status}"
