@@ -240,6 +240,7 @@ class ScaleRun:
         self.store, self.tracker, self.on_change = store, tracker, on_change
         self.models = [ModelState(row) for row in plan]
         self.parent: str | None = None
+        self.rerun = False  # the scale existed: a model's run may exist with no row yet
 
     # -- setup: the scale's row and parent run, and what earlier runs already trained
     def open(self) -> None:
@@ -248,26 +249,35 @@ class ScaleRun:
                                           "gamma": self.coeffs.gamma, "search_id": self.source.search.id,
                                           "trial_id": self.source.trial.trial_id}
         plan_rows = [{k: v for k, v in r.items() if k != "spec"} for r in self.plan]
-        if existing is None:
-            self.parent = self.tracker.start_run(
-                self.scale_id,
+        def parent_run(adopt: bool) -> str:
+            return self.tracker.start_run(
+                self.scale_id, adopt={"orch.kind": "scale", "orch.scale_id": self.scale_id} if adopt else None,
                 params={k: v for k, v in config.items() if v is not None and k != "phis"}
                 | {"phis": ",".join(f"{p:g}" for p in self.opts.phis)},
                 tags={"orch.kind": "scale", "orch.scale_id": self.scale_id, "orch.search_id": self.source.search.id,
                       "orch.trial_id": self.source.trial.trial_id,
                       "orch.search_run_id": self.source.search.mlflow_run_id or ""},
             )
+
+        self.rerun = existing is not None
+        if existing is None:
+            # The row first, then the run: a driver killed in between leaves a scale that the same
+            # command finds again (and which adopts the run), never a run that nothing knows.
             self.store.create_scale(self.scale_id, search_id=self.source.search.id,
                                     trial_id=self.source.trial.trial_id, config=config, plan=plan_rows,
-                                    mlflow_run_id=self.parent, driver=driver_token())
+                                    driver=driver_token())
+            self.parent = parent_run(adopt=False)
         else:
             if existing.status == "running" and driver_alive(existing.driver):
                 raise ScaleInputError(f"scale {self.scale_id} is being run by process {existing.driver}; "
                                       f"wait for it, or stop it first")
             self.parent = existing.mlflow_run_id
-            self.tracker.reopen(self.parent)
-            self.store.update_scale(self.scale_id, status="running", finished_at=None, error=None,
-                                    driver=driver_token(), plan=plan_rows)
+            if self.parent:
+                self.tracker.reopen(self.parent)
+            else:
+                self.parent = parent_run(adopt=True)
+        self.store.update_scale(self.scale_id, status="running", finished_at=None, error=None,
+                                driver=driver_token(), plan=plan_rows, mlflow_run_id=self.parent)
         done = {r.model: r for r in self.store.scale_runs(self.scale_id)}
         for m in self.models:
             prev = done.get(m.name)
@@ -338,6 +348,7 @@ class ScaleRun:
         if m.run_id is None:
             m.run_id = self.tracker.start_run(
                 m.name, parent_id=self.parent,
+                adopt={"orch.scale_id": self.scale_id, "orch.model": m.name} if self.rerun else None,
                 params={"phi": r["phi"], "alpha": self.coeffs.alpha, "beta": self.coeffs.beta,
                         "gamma": self.coeffs.gamma, "depth_mult": r["depth_mult"], "width_mult": r["width_mult"],
                         "resolution": r["resolution"], "batch_size": r["batch_size"], "lr": r["lr"],

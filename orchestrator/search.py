@@ -107,6 +107,7 @@ class Sink:
         self.store, self.tracker, self.search_id, self.parent_run = store, tracker, search_id, parent_run
         self.opts, self.b0_macs, self.registry, self.on_change = opts, b0_macs, registry, on_change
         self.trials: dict[str, TrialState] = {}
+        self.adopt = False  # a resumed search: a trial's run may exist with no row yet (see Tracker.start_run)
         self._q: queue.Queue = queue.Queue()
         self._costs: dict[str, object] = {}
         self._errors: list[BaseException] = []
@@ -195,6 +196,7 @@ class Sink:
                                 cost.macs / self.b0_macs, started_at=at)
                 st.run_id = self.tracker.start_run(
                     tid, parent_id=self.parent_run,
+                    adopt={"orch.search_id": self.search_id, "orch.trial_id": tid} if self.adopt else None,
                     params={"alpha": a, "beta": b, "gamma": g, "phi": 1, "depth_mult": a, "width_mult": b,
                             "resolution": cand.resolution, "network_key": cand.key, "dataset": self.opts.dataset,
                             "epochs": self.opts.epochs, "seed": self.opts.seed, "search_id": self.search_id},
@@ -235,6 +237,14 @@ class Sink:
                 ended += self._reconcile(payload, dirty, at)
             elif kind == "close":
                 closing = True
+                if self.adopt:  # runs of a dead driver's trials that no row and no trial took up
+                    known = {st.run_id for st in self.trials.values()} | {self.parent_run}
+                    for run_id in self.tracker.find_runs({"orch.search_id": self.search_id, "orch.kind": "trial"},
+                                                         running_only=True):
+                        if run_id not in known:
+                            self.tracker.log(run_id, [], tags={"orch.status": "discarded", "orch.error":
+                                                               "started as its driver was killed; never saved"})
+                            self.tracker.end(run_id, "interrupted")
                 for st in self.trials.values():
                     if st.status == "running":  # interrupted: never leave a run RUNNING
                         st.status, st.ended_at = ("interrupted" if payload else "failed"), at
@@ -433,23 +443,34 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     b0 = measure(scaling.network_spec(1.0, 1.0, opts.base_resolution, num_classes=opts.num_classes))
     prior = []
     restore = False
+    def parent_run(adopt: bool) -> str:
+        return tracker.start_run(
+            opts.name, adopt={"orch.kind": "search", "orch.search_id": search_id} if adopt else None,
+            params={k: v for k, v in (opts.as_config() | {"concurrency": concurrency, "gpus_per_trial": gpt}).items()
+                    if k not in ("extra",) and v is not None},
+            tags={"orch.kind": "search", "orch.search_id": search_id},
+        )
+
     if resume is not None:
         record, experiment_path, restore = resume
         search_id, parent = record.id, record.mlflow_run_id
         config = dict(record.config) | {"driver": driver_token(), "resumes": record.config.get("resumes", 0) + 1}
-        tracker.reopen(parent)
-        store.update_search(search_id, status="running", finished_at=None, error=None, config=config)
+        if parent:
+            tracker.reopen(parent)
+        else:  # its driver died between recording the search and its MLflow run's id
+            parent = parent_run(adopt=True)
+        store.update_search(search_id, status="running", finished_at=None, error=None, config=config,
+                            mlflow_run_id=parent)
         prior = store.trials(search_id)
     else:
         search_id = search_id or new_search_id()
-        config = opts.as_config() | {"concurrency": concurrency, "gpus_per_trial": gpt}
-        parent = tracker.start_run(
-            opts.name,
-            params={k: v for k, v in config.items() if k not in ("extra",) and v is not None},
-            tags={"orch.kind": "search", "orch.search_id": search_id},
-        )
-        config |= {"storage_path": str(storage_path), "driver": driver_token()}
-        store.create_search(search_id, opts.name, config, mlflow_run_id=parent)
+        config = opts.as_config() | {"concurrency": concurrency, "gpus_per_trial": gpt,
+                                     "storage_path": str(storage_path), "driver": driver_token()}
+        # The row first, then the run: a driver killed in between leaves a search that
+        # `--resume` finds (and which adopts the run), never an MLflow run that nothing knows.
+        store.create_search(search_id, opts.name, config)
+        parent = parent_run(adopt=False)
+        store.update_search(search_id, mlflow_run_id=parent)
 
     registry = NetworkRegistry.options(name=registry_name(search_id), **cluster_mod.on_driver_node()).remote()
     # Networks earlier drivers of this search trained: a resumed duplicate replays, not retrains.
@@ -458,6 +479,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
             ray.get(registry.claim.remote(t.network_key, t.trial_id))
             ray.get(registry.finish.remote(t.network_key, t.trial_id, t.history))
     sink = Sink(store, tracker, search_id, parent, opts, b0.macs, registry, on_change)
+    sink.adopt = resume is not None
     sink.preload(prior)
     if resume is not None and not restore:
         sink.reconcile([])  # Tune knows no trial: the rows its dead driver began are dropped

@@ -140,10 +140,26 @@ class Tracker:
             raise TrackingError(f"MLflow at {mask_uri(uri)}: {str(e).splitlines()[0]}") from None
         return exp_id
 
+    def find_runs(self, tags: dict, *, running_only: bool = False) -> list[str]:
+        """Ids of the runs carrying all these tags (orch's own ids: letters, digits, . _ : -)."""
+        where = [f"tags.\"{k}\" = '{v}'" for k, v in tags.items()]
+        if running_only:
+            where.append("attributes.status = 'RUNNING'")
+        runs = self.client.search_runs([self.experiment_id], filter_string=" and ".join(where), max_results=1000)
+        return [r.info.run_id for r in runs]
+
     def start_run(self, name: str, *, parent_id: str | None = None, params: dict | None = None,
-                  tags: dict | None = None) -> str:
+                  tags: dict | None = None, adopt: dict | None = None) -> str:
+        """A new run; with ``adopt`` (identifying tags), the run an earlier (killed) driver made
+        with those tags, if any, continues instead: a driver can die between creating a run and
+        recording its id."""
         from mlflow.entities import Param
 
+        if adopt:
+            found = self.find_runs(adopt)
+            if found:
+                self.reopen(found[0])
+                return found[0]
         all_tags = dict(tags or {})
         all_tags["mlflow.runName"] = name
         if parent_id:

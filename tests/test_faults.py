@@ -413,16 +413,19 @@ def test_resume_before_tune_saved_anything_starts_afresh_under_the_same_id(ray_s
     from orchestrator.search import SearchOptions
     from orchestrator.tracking import Tracker
 
-    # what a driver killed between recording the search and Tune's first save leaves behind
+    # what a driver killed before Tune's first save leaves behind: the search's row, its MLflow run
+    # (made after the row; the driver died before recording its id), a trial's row and run, and a
+    # trial's run with no row (the driver died between creating the run and writing the row)
     opts = SearchOptions(name="early", trials=1, epochs=1, gpus=0, batch_size=32, synthetic_size=(128, 64))
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", opts.experiment, home / "mlartifacts")
-    parent = tracker.start_run("early")
-    store.create_search("search-early", "early", opts.as_config() | {"storage_path": str(home / "ray")},
-                        mlflow_run_id=parent)
+    store.create_search("search-early", "early", opts.as_config() | {"storage_path": str(home / "ray")})
+    parent = tracker.start_run("early", tags={"orch.kind": "search", "orch.search_id": "search-early"})
     begun = tracker.start_run("t-begun", parent_id=parent)
     store.upsert_trial("search-early", "t-begun", alpha=1.2, beta=1.1, gamma=1.15, network_key="k", resolution=40,
                        mlflow_run_id=begun)
+    rowless = tracker.start_run("t-rowless", parent_id=parent, tags={
+        "orch.kind": "trial", "orch.search_id": "search-early", "orch.trial_id": "t-rowless"})
 
     res = _resume("search-early", "--json")
     assert res.exit_code == 0, res.output
@@ -433,5 +436,9 @@ def test_resume_before_tune_saved_anything_starts_afresh_under_the_same_id(ray_s
     client = mlflow_client(home)
     assert client.get_run(begun).info.status == "KILLED"
     assert client.get_run(begun).data.tags["orch.status"] == "discarded"
+    assert client.get_run(rowless).info.status == "KILLED"  # ended, not left RUNNING
+    assert client.get_run(rowless).data.tags["orch.status"] == "discarded"
+    assert store.get_search("search-early").mlflow_run_id == parent  # the search's own run, adopted
     assert client.get_run(parent).info.status == "FINISHED"
+    assert len(children(client, parent)) == 3
     store.close()
