@@ -554,6 +554,7 @@ def _run_search_command(opts, search_id, store, tracker, home, address, storage,
                       f"val_top1={best['val_top1']:.4f} FLOPs ×B0={best['flops_ratio']:.2f}{note}", highlight=False)
             out.print(f"next: orch scale --from-run {outcome.search_id}", highlight=False)
     if outcome.status == "interrupted":
+        err.print(f"continue it with: orch search --resume {outcome.search_id}", highlight=False)
         raise SystemExit(130)
 
 

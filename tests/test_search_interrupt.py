@@ -43,6 +43,7 @@ def test_sigint_marks_search_interrupted_and_ends_runs(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err[-2000:]
+    assert "continue it with: orch search --resume search-" in err
 
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     (search,) = store.list_searches()
