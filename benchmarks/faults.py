@@ -148,6 +148,15 @@ def main() -> None:
                 retrained += len(steps) - len(set(steps))
         epochs_expected = sum(args.epochs for t in trials if t.status == "finished")
         store.close()
+        bad = search.status != "finished" or len(trials) != args.trials or duplicates or unknown or left_running or lost
+        if bad:  # what a reader needs to find out why: rows, Tune's trials, each driver's last lines
+            print(f"rows: {[(t.trial_id, t.status, t.epochs_done, t.error) for t in trials]}", file=sys.stderr)
+            print(f"Tune's trials: {sorted(tune_ids)}", file=sys.stderr)
+            for i in range(len(moments) + 1):
+                err = Path(tmp) / f"driver{i}.err"
+                if err.exists():
+                    print(f"--- driver {i} stderr (last lines)\n" + "\n".join(err.read_text().splitlines()[-15:]),
+                          file=sys.stderr)
 
     print(f"faults: {args.trials} trials × {args.epochs} epochs, kills {args.min_s:g}–{args.max_s:g} s after each "
           f"driver start, seed {seed}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
@@ -162,7 +171,7 @@ def main() -> None:
     kills = sum(1 for m in moments if "finished first" not in m)
     print(f"cycles run {kills}; trials expected {args.trials}, recorded {len(trials)}; "
           f"duplicate rows {duplicates + len(unknown)}; runs left RUNNING {len(left_running)}; lost epochs {len(lost)}")
-    if search.status != "finished" or len(trials) != args.trials or duplicates or unknown or left_running or lost:
+    if bad:
         sys.exit(1)
 
 
