@@ -20,7 +20,7 @@ from benchmarks.faults import spawn
 from orchestrator import space
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
-from tests.conftest import TINY, error_line
+from tests.conftest import TINY, error_line, no_search_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -314,10 +314,6 @@ def test_concurrent_searches_share_one_store_without_crossing(tmp_path, createdb
         store.close()
 
 
-def _no_search_recorded(home: Path) -> None:
-    if (home / "orch.db").exists():
-        assert ResultsStore(f"sqlite:///{home / 'orch.db'}").list_searches() == []
-
 
 def test_read_only_state_folder_is_a_clear_error(home, tmpfs):
     ro = tmpfs(1, read_only=True)
@@ -330,7 +326,7 @@ def test_read_only_storage_is_refused_before_anything_is_recorded(ray_session, h
     ro = tmpfs(1, read_only=True)
     res = CliRunner().invoke(main, ["search", "--gpus", "0", "--storage", str(ro / "ckpt")])
     assert res.exit_code == 2 and "--storage" in error_line(res) and "Read-only file system" in error_line(res)
-    _no_search_recorded(home)
+    no_search_recorded(home)
 
 
 def test_full_disk_fails_the_search_with_the_cause_and_leaves_nothing_open(ray_session, home, tmpfs):
@@ -371,7 +367,7 @@ def _resume(search_id: str, *extra: str):
 def test_resume_refuses_hostile_ids(home, bad):
     res = _resume(bad)
     assert res.exit_code == 2 and "is not an id" in error_line(res)
-    _no_search_recorded(home)
+    no_search_recorded(home)
 
 
 def test_resume_refusals_say_what_to_do(home, stored, tmp_path):

@@ -5,17 +5,12 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
-from tests.conftest import error_line
+from tests.conftest import error_line, no_search_recorded
 
 
 def _run(args):
     return CliRunner().invoke(main, ["search", "--gpus", "0", *args])
 
-
-def _no_search_recorded(home):
-    db = home / "orch.db"
-    if db.exists():
-        assert ResultsStore(f"sqlite:///{db}").list_searches() == []
 
 
 @pytest.mark.parametrize(
@@ -37,7 +32,7 @@ def test_bad_options_fail_before_anything_starts(home, args, says):
     res = _run(args)
     assert res.exit_code == 2, res.output
     assert says in error_line(res)
-    _no_search_recorded(home)
+    no_search_recorded(home)
 
 
 def test_gpus_per_trial_above_budget(home):
@@ -69,7 +64,7 @@ def test_unreachable_tracking_uri_is_a_bounded_wait(home):
     res = _run(["--tracking-uri", "http://127.0.0.1:1"])
     assert res.exit_code == 2 and "did not answer" in error_line(res)
     assert time.monotonic() - t0 < 30
-    _no_search_recorded(home)
+    no_search_recorded(home)
 
 
 def test_out_of_date_store_names_the_fix(home):
@@ -88,7 +83,7 @@ def test_more_gpus_than_the_cluster_has(ray_session, home):
     res = CliRunner().invoke(main, ["search", "--gpus", "8"])
     assert res.exit_code == 2
     assert "more GPUs than the cluster has (4)" in error_line(res)
-    _no_search_recorded(home)
+    no_search_recorded(home)
 
 
 def test_runs_show_unknown_and_malformed_ids(home):
@@ -115,4 +110,4 @@ def test_tracking_uri_that_is_not_mlflow_is_refused_at_once(home):
     finally:
         server.shutdown()
         server.server_close()
-    _no_search_recorded(home)
+    no_search_recorded(home)
