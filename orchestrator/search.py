@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import scaling, space
+from orchestrator import scaling, space, tunestate
 
 #: ASHA halves the field at each rung: with a handful of trials and epochs, 4 (Ray's default)
 #: would stop almost everything at the grace period.
@@ -407,7 +407,17 @@ def check_resumable(store, search_id: str, *, storage: str | None, home: Path) -
         raise SearchInputError(
             f"search {search_id}'s Tune state is at {path}, outside the state folder {home}; Tune loads "
             f"pickled state from it, so pass --storage {root} if you trust that folder")
-    if not Tuner.can_restore(path):
+    copy = tunestate.snapshot_path(path)
+    if not confined(copy, [str(home), storage]):  # a link out of it: the folder was confined
+        raise SearchInputError(
+            f"search {search_id}'s saved Tune state {copy} links outside {root}; Tune loads pickled "
+            f"state from it, so replace the link with the file if you trust it")
+    try:
+        tunestate.read(path)
+    except Exception as e:  # noqa: BLE001 - not orch's own writing: altered or damaged since
+        raise SearchInputError(f"orch's copy of search {search_id}'s Tune state, {copy}, is unreadable ({e}); "
+                               f"remove it to resume from Tune's own files") from None
+    if not (Tuner.can_restore(path) or tunestate.exists(path)):
         if any(t.epochs_done for t in store.trials(search_id)):
             raise SearchInputError(f"no Tune state for search {search_id} at {path}; pass the --storage it ran with")
         # Its driver died before Tune saved anything and no trial reported: start it afresh,
@@ -521,8 +531,10 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings), resources)
     try:
         if restore:
-            # Tune restores the trials, their checkpoints, the searcher (the Optuna study, which
-            # continues) and ASHA; errored trials stay failed: they used up their retries.
+            # The driver state from orch's copy (Tune's own may be torn by a kill during its
+            # upload), then Tune restores the trials, their checkpoints, the searcher (the Optuna
+            # study, which continues) and ASHA; errored trials stay failed (retries used up).
+            tunestate.put_back(experiment_path)
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True)
         else:
             tuner = tune.Tuner(
@@ -615,14 +627,29 @@ def _callback_class():
         connections) of whichever driver runs the search now: a resumed one too."""
 
         def __init__(self, search_id: str):
-            self.search_id = search_id
+            self.__setstate__({"search_id": search_id})
 
         def __getstate__(self):
             return {"search_id": self.search_id}
 
+        def __setstate__(self, state):
+            from orchestrator.tunestate import Snapshots
+
+            self.search_id = state["search_id"]
+            self.snapshots = Snapshots()
+
         @property
         def sink(self):
             return sink_of(self.search_id)
+
+        def on_step_begin(self, iteration, trials, **info):
+            self.snapshots.watch(trials)
+
+        def get_state(self):
+            # Tune calls this at the end of each save of its driver state, right after writing
+            # the state files: the moment to copy them, consistent (orchestrator/tunestate.py).
+            self.snapshots()
+            return None  # nothing of its own to restore
 
         def on_trial_start(self, iteration, trials, trial, **info):
             if self.sink:

@@ -2,7 +2,6 @@
 same command again), a trial's worker process killed, a diverging trial. Every one ends with the
 requested rows, each once, and no MLflow run left RUNNING."""
 
-import glob
 import json
 import os
 import pickle
@@ -17,7 +16,7 @@ from click.testing import CliRunner
 
 from benchmarks.faults import crash as sigkill
 from benchmarks.faults import spawn
-from orchestrator import space
+from orchestrator import space, tunestate
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
 from tests.conftest import TINY, error_line, no_search_recorded
@@ -60,10 +59,23 @@ def children(client, parent_id: str):
 
 
 def study_trials(experiment_dir: Path):
-    """The Optuna study as Tune saved it with the searcher (newest state file)."""
-    newest = sorted(glob.glob(str(experiment_dir / "searcher-state-*.pkl")))[-1]
-    with open(newest, "rb") as f:
-        return pickle.load(f)["_ot_study"].trials
+    """The Optuna study as Tune saved it with the searcher, from orch's copy of Tune's state."""
+    _, files = tunestate.read(str(experiment_dir))
+    (name,) = [n for n in files if n.startswith("searcher-state-")]
+    return pickle.loads(files[name])["_ot_study"].trials
+
+
+def tear(experiment_dir: Path) -> None:
+    """What a driver killed during Tune's upload of its state leaves in the storage, as measured
+    (orchestrator/tunestate.py): a trial list older than the generator's count of trials
+    created, and a file cut off. Restored from these, Tune ran fewer trials than asked, or
+    none."""
+    state = sorted(experiment_dir.glob("experiment_state-*.json"))[-1]
+    data = json.loads(state.read_text())
+    assert data["trial_data"], "Tune saved no trial before the kill"
+    data["trial_data"] = data["trial_data"][:-1]
+    state.write_text(json.dumps(data))
+    sorted(experiment_dir.glob("search_gen_state-*.json"))[-1].write_bytes(b"")
 
 
 def test_sigkilled_search_resumes_and_sigkilled_scale_reruns(tmp_path):
@@ -87,6 +99,7 @@ def test_sigkilled_search_resumes_and_sigkilled_scale_reruns(tmp_path):
     before = {t.trial_id: t for t in store.trials(search_id)}
     assert store.get_search(search_id).status == "running"  # the killed driver could not say otherwise
     pre_study = [t.params for t in study_trials(home / "ray" / search_id)]
+    tear(home / "ray" / search_id)
 
     log = tmp_path / "search2"
     out = finish(spawn(["search", "--resume", search_id, "--json"], env, log), log)
@@ -403,6 +416,16 @@ def test_resume_refusals_say_what_to_do(home, stored, tmp_path):
     (home / "ray" / "search-d").symlink_to(elsewhere / "search-c")
     res = _resume(stored("search-d", storage_path=str(home / "ray")))
     assert res.exit_code == 2 and "outside the state folder" in error_line(res)
+    # ... and so is orch's copy of Tune's state when it is a link out of the folder
+    (elsewhere / "search-e.orch-state").write_bytes(b"")
+    (home / "ray" / "search-e.orch-state").symlink_to(elsewhere / "search-e.orch-state")
+    res = _resume(stored("search-e", storage_path=str(home / "ray")))
+    assert res.exit_code == 2 and "search-e.orch-state links outside" in error_line(res)
+    # a copy that orch did not write (damaged, or altered) is refused before Tune loads anything
+    (home / "ray" / "search-f.orch-state").write_bytes(b"PK\x03\x04 not a zip")
+    res = _resume(stored("search-f", storage_path=str(home / "ray")))
+    assert res.exit_code == 2 and "search-f.orch-state, is unreadable" in error_line(res)
+    assert "remove it to resume from Tune's own files" in error_line(res)
 
 
 def test_resume_before_tune_saved_anything_starts_afresh_under_the_same_id(ray_session, home):
