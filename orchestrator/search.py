@@ -137,10 +137,9 @@ class Sink:
         self._q.put(("end", trial_id, (failed, error), _now()))
 
     def reconcile(self, tune_trials: list[dict]) -> None:
-        """After a resumed fit: Tune's own record of every trial (id, status, reported rows). Fills
-        epochs the killed driver had not written yet, ends trials Tune ended while no driver
-        listened, and settles rows Tune never saved (started in the last moments of a killed
-        driver: Tune and Optuna proposed afresh in their place)."""
+        """After a resumed fit: Tune's own record of every trial (id, status, error). Ends trials
+        Tune ended while no driver listened, and settles rows Tune never saved (started in the
+        last moments of a killed driver: Tune and Optuna proposed afresh in their place)."""
         self._q.put(("reconcile", None, tune_trials, _now()))
 
     def close(self, interrupted: bool = False) -> None:
@@ -285,10 +284,6 @@ class Sink:
             st = self.trials.get(t["trial_id"])
             if st is None:  # created by Tune but never started
                 continue
-            for row in t["rows"]:
-                if "epoch" in row and int(row["epoch"]) not in st.history:
-                    st.history[int(row["epoch"])] = row
-                    dirty.setdefault(st.trial_id, []).append(row)
             if st.status in ("running", "interrupted") and t["status"] in ("TERMINATED", "ERROR"):
                 if t["status"] == "ERROR":
                     st.status, st.error = "failed", t.get("error") or "the trial failed"
@@ -484,10 +479,8 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
 
     registry = NetworkRegistry.options(name=registry_name(search_id), **cluster_mod.on_driver_node()).remote()
     # Networks earlier drivers of this search trained: a resumed duplicate replays, not retrains.
-    for t in prior:
-        if t.status in ("finished", "stopped") and not t.reused_from and t.history:
-            ray.get(registry.claim.remote(t.network_key, t.trial_id))
-            ray.get(registry.finish.remote(t.network_key, t.trial_id, t.history))
+    ray.get(registry.seed.remote([(t.network_key, t.trial_id, t.history) for t in prior
+                                  if t.status in ("finished", "stopped") and not t.reused_from and t.history]))
     sink = Sink(store, tracker, search_id, parent, opts, b0.macs, registry, on_change)
     sink.adopt = resume is not None
     sink.preload(prior)
@@ -707,7 +700,7 @@ class _SigintWatch:
 
 
 def _tune_trials(experiment_path: str) -> list[dict]:
-    """Tune's saved record of every trial of an experiment: id, status, error, reported rows."""
+    """Tune's saved record of every trial of an experiment: id, status, error."""
     import logging
 
     from ray.tune import ExperimentAnalysis
@@ -721,15 +714,10 @@ def _tune_trials(experiment_path: str) -> list[dict]:
         analysis = ExperimentAnalysis(experiment_path)
     finally:
         quiet.setLevel(level)
-    keep = ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s", "images_per_s", "node_id", "pid")
-    out = []
-    for trial in analysis.trials:
-        df = analysis.trial_dataframes.get(trial.trial_id)
-        rows = [] if df is None or df.empty else [
-            {k: r[k] for k in keep if k in r and r[k] == r[k]} for r in df.to_dict("records")]
-        out.append({"trial_id": trial.trial_id, "status": trial.status, "rows": rows,
-                    "error": _trial_error(trial) if trial.status == "ERROR" else None})
-    return out
+    # Its per-trial results are not read: orch turns Tune's file loggers off, and epochs a dead
+    # driver missed come with the resumed trial's first report (trainable.trial_fn).
+    return [{"trial_id": trial.trial_id, "status": trial.status,
+             "error": _trial_error(trial) if trial.status == "ERROR" else None} for trial in analysis.trials]
 
 
 def _unfinished(grid) -> bool:

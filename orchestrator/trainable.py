@@ -47,6 +47,11 @@ class NetworkRegistry:
             return True, self.outcome[key]
         return False, None
 
+    def seed(self, trained: list[tuple[str, str, list]]) -> None:
+        """Networks that earlier drivers of a resumed search trained: (key, trial id, history)."""
+        for key, trial_id, history in trained:
+            self.owner[key], self.outcome[key] = trial_id, history
+
     def snapshot(self) -> dict:
         return {"owner": dict(self.owner), "outcome": dict(self.outcome)}
 

@@ -86,6 +86,20 @@ def test_same_network_is_trained_once_and_reused(ray_session, home):
     assert client.get_run(reused[0].mlflow_run_id).data.tags["orch.reused_from"] == original.trial_id
 
 
+def test_a_resumed_search_replays_networks_its_earlier_drivers_trained(ray_session):
+    import ray
+
+    from orchestrator.trainable import NetworkRegistry
+
+    history = [{"epoch": 1, "val_top1": 0.5}]
+    registry = NetworkRegistry.remote()
+    ray.get(registry.seed.remote([("net-a", "t1", history)]))
+    assert ray.get(registry.claim.remote("net-a", "t9")) == "t1"  # owned: t9 replays t1's reports
+    assert ray.get(registry.result.remote("net-a")) == (True, history)
+    assert ray.get(registry.claim.remote("net-b", "t9")) is None  # a new network: t9 trains it
+    ray.kill(registry)
+
+
 def test_grid_trains_each_distinct_network_once(ray_session, home):
     out = _search(["--gpus", "0", "--space", "grid", "--grid-step", "0.1", "--tolerance", "0.1", "--epochs", "1"],
                   home)
