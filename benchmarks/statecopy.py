@@ -2,7 +2,7 @@
 storage against orch's copy (orchestrator/tunestate.py).
 
     python benchmarks/statecopy.py              # an 8-trial × 2-epoch search, read every few ms
-    python benchmarks/statecopy.py --quick      # 3 trials × 1 epoch (what CI runs)
+    python benchmarks/statecopy.py --quick      # 2 trials × 1 epoch (what CI runs)
 
 Runs one search (local Ray, CPU, a fresh state folder) and, while it runs, reads both copies over
 and over, as a `--resume` after a kill at that instant would. A read is *torn* when a file is
@@ -59,12 +59,12 @@ def tune_copy(folder: Path) -> dict[str, bytes] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 trials of 1 epoch (CI)")
+    ap.add_argument("--quick", action="store_true", help="2 trials of 1 epoch (CI)")
     ap.add_argument("--trials", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
     if args.quick:
-        args.trials, args.epochs = 3, 1
+        args.trials, args.epochs = 2, 1
 
     from orchestrator import tunestate
 
