@@ -975,6 +975,15 @@ def ui(scale_id, host, port, experiment, home, db_url, tracking_uri):
     import tempfile
     import time
 
+    import socket
+
+    with socket.socket() as probe:  # a taken port is said at once, not after MLflow's ~20 s start
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise click.ClickException(f"the MLflow UI did not start on {base}: {e.strerror or e}; "
+                                       f"if the port is taken, pick another with --port") from None
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:

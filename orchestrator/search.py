@@ -441,6 +441,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     from workers.flops import measure
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tunestate.quiet_upload_errors()
     gpt, cpt, concurrency = cluster_mod.plan_resources(
         cluster, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial, cpus_per_trial=opts.cpus_per_trial)
     from orchestrator.home import driver_token

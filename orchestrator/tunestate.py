@@ -130,6 +130,28 @@ def put_back(experiment_path: str) -> bool:
     return True
 
 
+class _UploadErrorsInOneLine(logging.Filter):
+    """Tune logs a failed upload of its driver state with a traceback (seen once in a test of
+    four searches at once: a file of the staging folder changed while its background copy ran).
+    The search goes on, and --resume uses orch's copy: one line says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "experiment state to storage" in str(record.msg):
+            e = record.exc_info[1]
+            record.msg = (f"{str(record.msg).strip().rstrip(':')}: {type(e).__name__}: {e}; "
+                          f"--resume uses orch's own copy of that state")
+            record.args, record.exc_info, record.exc_text, record.levelno, record.levelname = \
+                (), None, None, logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_upload_errors() -> None:
+    """Install :class:`_UploadErrorsInOneLine` on Tune's experiment-state logger (once)."""
+    tune_log = logging.getLogger("ray.tune.execution.experiment_state")
+    if not any(isinstance(f, _UploadErrorsInOneLine) for f in tune_log.filters):
+        tune_log.addFilter(_UploadErrorsInOneLine())
+
+
 class Snapshots:
     """Takes the copy on each Tune save. Lives in orch's Tune callback (the driver): learns the
     storage from the trials (the first step that has any) and is called from the callback's

@@ -94,3 +94,22 @@ def test_a_copy_that_cannot_be_written_warns_once_and_the_search_goes_on(tmp_pat
         snaps()
     assert snaps.failed
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["could not save a copy of Tune's state for --resume"]
+
+
+def test_a_failed_upload_of_tunes_state_is_one_line_not_a_traceback(caplog):
+    tunestate.quiet_upload_errors()
+    tunestate.quiet_upload_errors()  # installed once
+    tune_log = logging.getLogger("ray.tune.execution.experiment_state")
+    assert sum(isinstance(f, tunestate._UploadErrorsInOneLine) for f in tune_log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="ray.tune.execution.experiment_state"):
+        try:
+            open("/nonexistent/staging/searcher-state.pkl")
+        except FileNotFoundError:
+            tune_log.error("Saving experiment state to storage at '/x' failed with exception: ", exc_info=True)
+        tune_log.error("something else", exc_info=False)
+    (rec, other) = caplog.records
+    assert rec.levelname == "WARNING" and rec.exc_info is None and "Traceback" not in caplog.text
+    assert rec.getMessage().startswith("Saving experiment state to storage at '/x' failed with exception: "
+                                       "FileNotFoundError: [Errno 2] No such file or directory")
+    assert rec.getMessage().endswith("--resume uses orch's own copy of that state")
+    assert other.levelname == "ERROR"  # other records pass as they are
