@@ -129,8 +129,10 @@ class Sink:
 
     def result(self, trial_id: str, result: dict) -> None:
         keep = {k: result[k] for k in ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s",
-                                      "images_per_s", "gmacs", "params_m", "reused_from", "node_id", "pid",
+                                      "images_per_s", "gmacs", "params_m", "reused_from", "node_id",
                                       "diverged", "earlier") if k in result}
+        if result.get("worker_pid") is not None:  # Tune's own "pid" is the reporting process's
+            keep["pid"] = result["worker_pid"]
         self._q.put(("result", trial_id, keep, _now()))
 
     def ended(self, trial_id: str, failed: bool, error: str | None = None) -> None:

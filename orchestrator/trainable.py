@@ -87,7 +87,9 @@ def trial_fn(config: dict, settings: dict) -> None:
     cand = space.candidate(alpha, beta, gamma, base_resolution=settings["base_resolution"],
                            num_classes=settings["num_classes"])
     trial_id = tune.get_context().get_trial_id()
-    extra = {"network_key": cand.key, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    # "worker_pid", not "pid": Tune overwrites a result's "pid" with the reporting process's,
+    # which for a replayed trial is not where it was trained. The driver stores it as "pid".
+    extra = {"network_key": cand.key, "node_id": ray.get_runtime_context().get_node_id(), "worker_pid": os.getpid()}
     if settings.get("work_s"):  # benchmarks/bookkeeping.py: fixed work instead of training
         _fixed_work(alpha, beta, gamma, settings["work_s"], settings["train"]["epochs"], extra)
         return
@@ -104,8 +106,8 @@ def trial_fn(config: dict, settings: dict) -> None:
             done, history = ray.get(registry.result.remote(cand.key))
             if done and history is not None:
                 # Same network, already trained in this search: replay its reports, train nothing.
-                for metrics in history:
-                    tune.report({**extra, **metrics, "reused_from": owner})  # where it was trained
+                for metrics in history:  # with the node and process it was trained in
+                    tune.report({**extra, **metrics, "worker_pid": metrics.get("pid"), "reused_from": owner})
                 return
             if done:  # the owner failed: train it here
                 owner = ray.get(registry.claim.remote(cand.key, trial_id))

@@ -80,7 +80,9 @@ def test_same_network_is_trained_once_and_reused(ray_session, home):
     assert len(reused) == 1
     original = next(t for t in trials if t.trial_id == reused[0].reused_from)
     assert original.network_key == reused[0].network_key
-    assert reused[0].history == original.history and reused[0].train_s == 0.0, (reused[0].history, original.history)
+    # the same reports, the process it was trained in included (Tune stamps each result with the
+    # reporting process's pid; the replay runs in either of two reused processes)
+    assert reused[0].history == original.history and reused[0].train_s == 0.0
     assert out["summary"]["n_networks"] == len(trials) - 1
     client = _mlflow(home)
     assert client.get_run(reused[0].mlflow_run_id).data.tags["orch.reused_from"] == original.trial_id
