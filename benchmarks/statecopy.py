@@ -51,12 +51,6 @@ def torn(files: dict[str, bytes]) -> str | None:
     return None
 
 
-def tune_copy(folder: Path) -> dict[str, bytes] | None:
-    names = [p for p in folder.iterdir() if p.suffix in (".json", ".pkl") and not p.name.startswith(".")
-             and p.name.split("-")[0] in ("experiment_state", "search_gen_state", "searcher")]
-    return {p.name: p.read_bytes() for p in names} if names else None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 trials of 1 epoch (CI)")
@@ -81,7 +75,7 @@ def main() -> None:
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         while p.poll() is None:
             for folder in (home / "ray").glob("search-*/") if (home / "ray").exists() else []:
-                for name, read in (("Tune's", lambda: tune_copy(folder)),
+                for name, read in (("Tune's", lambda: (tunestate.state_files(folder) or (None, None))[1]),
                                    ("orch's", lambda: (tunestate.read(str(folder)) or (None, None))[1])):
                     try:
                         files = read()

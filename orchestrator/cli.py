@@ -972,10 +972,9 @@ def ui(scale_id, host, port, experiment, home, db_url, tracking_uri):
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", home_mod.artifact_root(h).resolve().as_uri(),
            "--host", host, "--port", str(port), "--workers", "1"]
+    import socket
     import tempfile
     import time
-
-    import socket
 
     with socket.socket() as probe:  # a taken port is said at once, not after MLflow's ~20 s start
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -410,11 +410,11 @@ def check_resumable(store, search_id: str, *, storage: str | None, home: Path) -
             f"search {search_id}'s saved Tune state {copy} links outside {root}; Tune loads pickled "
             f"state from it, so replace the link with the file if you trust it")
     try:
-        tunestate.read(path)
+        copied = tunestate.read(path)
     except Exception as e:  # noqa: BLE001 - not orch's own writing: altered or damaged since
         raise SearchInputError(f"orch's copy of search {search_id}'s Tune state, {copy}, is unreadable ({e}); "
                                f"remove it to resume from Tune's own files") from None
-    if not (Tuner.can_restore(path) or tunestate.exists(path)):
+    if copied is None and not Tuner.can_restore(path):
         if any(t.epochs_done for t in store.trials(search_id)):
             raise SearchInputError(f"no Tune state for search {search_id} at {path}; pass the --storage it ran with")
         # Its driver died before Tune saved anything and no trial reported: start it afresh,

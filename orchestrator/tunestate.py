@@ -45,8 +45,9 @@ def _fs(path: str):
     return get_fs_and_path(path)
 
 
-def _state_files(folder: Path) -> tuple[str, dict[str, bytes]] | None:
-    """The session and the files of Tune's newest save in ``folder`` (its staging folder)."""
+def state_files(folder: Path) -> tuple[str, dict[str, bytes]] | None:
+    """The session and the files of Tune's newest save in ``folder`` (its staging folder, or the
+    experiment folder in the storage)."""
     saves = {}
     for p in folder.iterdir():
         m = _SESSION.match(p.name)
@@ -69,7 +70,7 @@ def _write_atomic(fs, fs_path: str, data: bytes) -> None:
 def take(staging: str, experiment_fs_path: str, fs) -> bool:
     """Copy the files of Tune's newest save in ``staging`` to ``<experiment>.orch-state`` on
     ``fs``, atomically. False if Tune saved nothing there yet."""
-    found = _state_files(Path(staging))
+    found = state_files(Path(staging))
     if found is None:
         return False
     session, files = found
