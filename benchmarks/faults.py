@@ -1,21 +1,25 @@
-"""Random driver crashes: N cycles of SIGKILL at a random moment, then `orch search --resume`.
+"""Driver crashes, random and aimed: searches and a scale whose drivers are SIGKILLed again and
+again, each followed by `orch search --resume <id>` (or the same `orch scale` command), and then
+the record checked: the store and MLflow must agree (orchestrator/audit.py).
 
-    python benchmarks/faults.py --cycles 5          # 10 trials × 3 epochs, killed 5 times
-    python benchmarks/faults.py --quick             # 1 cycle on a 2-trial search (what CI runs)
+    python benchmarks/faults.py --searches 4 --cycles 7 --scale-cycles 4   # 32 kills
+    python benchmarks/faults.py --quick        # 1 search, 2 kills (one aimed, one random): CI
 
-Each cycle lets the search's driver (`orch search`, local Ray, SQLite store and MLflow in a fresh
-state folder) run for a random 5–30 s (a driver spends about 10 s starting on 2 cores), SIGKILLs it (then reaps what it started, as a crashed
-machine would lose it), records what the store held at that moment, and resumes it with
-`orch search --resume <id>` (or starts it again if it died before recording the search). After the
-last cycle the search runs to its end. Prints, last:
+Each search runs in one shared state folder (local Ray, SQLite store, local MLflow store). A
+cycle starts a driver and kills it:
 
-- cycles run (and at what moment each kill landed: before the search was recorded, before Tune
-  saved its state, or with trials in flight),
-- trials expected vs recorded, and duplicate rows (same Tune trial twice, or rows Tune never knew),
-- MLflow runs left RUNNING,
-- lost epochs: epochs recorded before some kill that are missing from the final record,
-- re-trained epochs: epochs trained twice because a kill landed between a report and Tune's
-  save of the checkpoint's place (a cost, not a loss: the record keeps the later one).
+- **random**: a SIGKILL after a random 5–30 s (a driver spends about 10 s starting on 2 cores);
+- **aimed**: the driver kills itself at a risky moment (orchestrator/faultpoint.py, through
+  ORCH_KILL_AT): just after a trial's last report, between a trial's end in the store and its
+  MLflow run's end, right after Tune registered a checkpoint, right after a resumed driver
+  started. Which point, and its n-th occurrence, is drawn per cycle.
+
+Then its process group is reaped (a crashed machine loses it too). After the last cycle the
+search runs to its end and the record is audited. Then a scale of the last search (B1 and B2)
+is killed ``--scale-cycles`` times (aimed at a model's end, or random) and re-run to its end,
+and audited. Prints, last: per search and the scale, the kills and where they landed, trials
+expected vs recorded, duplicate rows, runs left RUNNING, lost and re-trained epochs, and the
+store/MLflow disagreements found; then the totals. Exits non-zero on any loss or disagreement.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+#: Aimed kills of a search driver: (point, largest n drawn). "resumed" only for a resumed driver.
+SEARCH_POINTS = (("trial-last-report", 3), ("trial-ended", 3), ("checkpoint", 6), ("resumed", 1))
+
 
 def spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     """`orch …` in its own session (so what it leaves behind can be reaped by group), its output
@@ -43,7 +50,8 @@ def spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 def crash(p: subprocess.Popen) -> None:
     """SIGKILL the driver, then its process group (Ray's agents outlive a killed driver)."""
-    p.send_signal(signal.SIGKILL)
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
     p.wait()
     time.sleep(1)
     try:
@@ -52,126 +60,240 @@ def crash(p: subprocess.Popen) -> None:
         pass
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 cycle, 2 trials of 2 epochs (CI)")
-    ap.add_argument("--cycles", type=int, default=5, help="driver kills before the search may finish")
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--min-s", type=float, default=5.0, help="earliest kill, seconds after a driver started")
-    ap.add_argument("--max-s", type=float, default=30.0, help="latest kill")
-    ap.add_argument("--seed", type=int, default=None, help="seeds the kill moments (default: random)")
-    args = ap.parse_args()
-    if args.quick:
-        args.cycles, args.trials, args.epochs, args.min_s, args.max_s = 1, 2, 2, 12.0, 16.0
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
-    rng = random.Random(seed)
+def _tail(log: Path, n: int = 15) -> str:
+    err = Path(f"{log}.err")
+    return "\n".join(err.read_text().splitlines()[-n:]) if err.exists() else ""
 
-    from mlflow.tracking import MlflowClient
 
-    from orchestrator.store import ResultsStore
-
-    with tempfile.TemporaryDirectory(prefix="orch-faults-") as tmp:
-        home = Path(tmp) / "home"
-        env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true")
-        env.pop("RAY_ADDRESS", None)
-        new = ["search", "--gpus", "0", "--trials", str(args.trials), "--epochs", str(args.epochs),
-               "--grace-epochs", str(args.epochs), "--synthetic-size", "128", "64", "--batch-size", "32", "--json"]
-        store = None
-        search_id = None
-        seen: dict[tuple[str, int], float] = {}  # (trial, epoch) -> val_top1 recorded before a kill
-        moments = []
-        t_start = time.monotonic()
-        for cycle in range(args.cycles + 1):
-            log = Path(tmp) / f"driver{cycle}"
-            p = spawn(["search", "--resume", search_id, "--json"] if search_id else new, env, log)
-            if cycle == args.cycles:  # the last driver runs to the end
-                p.wait()
-                if p.returncode != 0:
-                    sys.exit(f"the final driver failed ({p.returncode}):\n{Path(f'{log}.err').read_text()[-3000:]}")
+def drive(cmd_new: list[str], cmd_again, env: dict, tmp: Path, tag: str, cycles: int, rng, *, aimed_share: float,
+          points, min_s: float, max_s: float, on_kill, forced: list | None = None) -> tuple[list[str], float]:
+    """Start, kill ``cycles`` times, run to the end. ``cmd_again()`` is the command that continues
+    (None: start afresh); ``on_kill()`` looks at the record after each kill and says where it landed.
+    ``forced``: each cycle's aim (None: a random kill) instead of drawing them."""
+    moments = []
+    t0 = time.monotonic()
+    for cycle in range(cycles + 1):
+        log = tmp / f"{tag}-driver{cycle}"
+        again = cmd_again()
+        run_env = dict(env)
+        aim = None
+        if cycle < cycles and forced is not None:
+            aim = forced[cycle]
+        elif cycle < cycles and rng.random() < aimed_share:
+            choices = [(p, n) for p, n in points if p != "resumed" or again]
+            point, most = rng.choice(choices)
+            aim = f"{point}:{rng.randint(1, most)}"
+        if aim:
+            run_env["ORCH_KILL_AT"] = aim
+        p = spawn(again or cmd_new, run_env, log)
+        if cycle == cycles:  # the last driver runs to the end
+            p.wait()
+            if p.returncode != 0:
+                sys.exit(f"{tag}: the final driver failed ({p.returncode}):\n{_tail(log, 40)}")
+            break
+        if aim:
+            try:
+                p.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                pass
+            how = f"aimed {aim}"
+            if p.returncode == 0:
+                moments.append(f"{how}: never reached, finished first")
                 break
-            at = rng.uniform(args.min_s, args.max_s)
+            if p.returncode is not None and p.returncode != -signal.SIGKILL:
+                sys.exit(f"{tag}: driver {cycle} failed ({p.returncode}):\n{_tail(log, 40)}")
+        else:
+            at = rng.uniform(min_s, max_s)
             deadline = time.monotonic() + at
             while time.monotonic() < deadline and p.poll() is None:
                 time.sleep(0.1)
-            if p.poll() is not None:  # it finished (or failed) before the kill: nothing left to kill
+            how = f"random {at:.1f}s"
+            if p.poll() is not None:
                 if p.returncode != 0:
-                    sys.exit(f"driver {cycle} failed ({p.returncode}):\n{Path(f'{log}.err').read_text()[-3000:]}")
-                moments.append(f"{at:.1f}s: finished first")
+                    sys.exit(f"{tag}: driver {cycle} failed ({p.returncode}):\n{_tail(log, 40)}")
+                moments.append(f"{how}: finished first")
                 break
-            crash(p)
-            if store is None and (home / "orch.db").exists():
-                store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
-            searches = store.list_searches() if store else []
-            if not searches:
-                moments.append(f"{at:.1f}s: before the search was recorded")
-                continue
-            search_id = searches[0].id
-            trials = store.trials(search_id)
+        crash(p)
+        moments.append(f"{how}: {on_kill()}")
+    return moments, time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 search of 2 trials × 2 epochs, 2 kills, no scale (CI)")
+    ap.add_argument("--searches", type=int, default=1, help="searches, one after another in one state folder")
+    ap.add_argument("--cycles", type=int, default=5, help="driver kills per search before it may finish")
+    ap.add_argument("--scale-cycles", type=int, default=0, help="driver kills of a scale of the last search (0: none)")
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--aimed", type=float, default=0.5, help="share of kills aimed at a risky moment (0..1)")
+    ap.add_argument("--min-s", type=float, default=5.0, help="earliest random kill, seconds after a driver started")
+    ap.add_argument("--max-s", type=float, default=30.0, help="latest random kill")
+    ap.add_argument("--seed", type=int, default=None, help="seeds the kills (default: random)")
+    args = ap.parse_args()
+    if args.quick:
+        args.searches, args.cycles, args.scale_cycles, args.trials, args.epochs = 1, 2, 0, 2, 2
+        args.min_s, args.max_s = 12.0, 16.0
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+    rng = random.Random(seed)
+
+    import logging
+
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    from orchestrator.audit import disagreements
+    from orchestrator.store import ResultsStore
+    from orchestrator.tracking import Tracker
+
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)  # no result.json: the driver records results
+    reports, bad = [], False
+    with tempfile.TemporaryDirectory(prefix="orch-faults-") as tmp:
+        tmp = Path(tmp)
+        home = tmp / "home"
+        env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true")
+        env.pop("RAY_ADDRESS", None)
+        env.pop("ORCH_KILL_AT", None)
+        data = ["--synthetic-size", "128", "64", "--batch-size", "32"]
+        stores: list = []
+
+        def store():
+            if not stores and (home / "orch.db").exists():
+                stores.append(ResultsStore(f"sqlite:///{home / 'orch.db'}"))
+            return stores[0] if stores else None
+
+        known = set()
+        for n in range(args.searches):
+            seen: dict[tuple[str, int], float] = {}  # (trial, epoch) -> val_top1 recorded before a kill
+            mine: list[str] = []
+
+            def current():
+                s = store()
+                if not mine and s:
+                    new = [x.id for x in s.list_searches(1000) if x.id not in known]
+                    mine.extend(new[:1])
+                return mine[0] if mine else None
+
+            def again():
+                sid = current()
+                return ["search", "--resume", sid, "--json"] if sid else None
+
+            def landed():
+                sid = current()
+                if not sid:
+                    return "before the search was recorded"
+                trials = store().trials(sid)
+                for t in trials:
+                    for h in t.history:
+                        seen[(t.trial_id, int(h["epoch"]))] = h.get("val_top1")
+                running = sum(1 for t in trials if t.status == "running")
+                if not (home / "ray" / sid / "tuner.pkl").exists():
+                    return "before Tune saved its state"
+                return (f"{running} trials in flight, " if running else "no trial running, ") + \
+                    f"{len(seen)} epochs recorded so far"
+
+            new = ["search", "--gpus", "0", "--trials", str(args.trials), "--epochs", str(args.epochs),
+                   "--grace-epochs", str(args.epochs), "--seed", str(n), "--json", *data]
+            moments, wall = drive(new, again, env, tmp, f"search{n}", args.cycles, rng, aimed_share=args.aimed,
+                                  points=SEARCH_POINTS, min_s=args.min_s, max_s=args.max_s, on_kill=landed,
+                                  # --quick: issue #21's window first (a trial's end recorded, its run
+                                  # not ended), then a random kill
+                                  forced=["trial-ended:1", None] if args.quick else None)
+            sid = current()
+            known.add(sid)
+            search = store().get_search(sid)
+            trials = store().trials(sid)
+            final = {(t.trial_id, int(h["epoch"])): h.get("val_top1") for t in trials for h in t.history}
+            ids = [t.trial_id for t in trials]
+            tune_ids = {t.trial_id for t in ExperimentAnalysis(str(home / "ray" / sid)).trials}
+            tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "compound-scaling")
+            disagree = disagreements(store(), tracker, search_id=sid)
+            client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+            retrained = 0
             for t in trials:
-                for h in t.history:
-                    seen[(t.trial_id, int(h["epoch"]))] = h.get("val_top1")
-            tune_saved = (home / "ray" / search_id / "tuner.pkl").exists()
-            running = sum(1 for t in trials if t.status == "running")
-            if not tune_saved:
-                what = "before Tune saved its state"
-            elif not running:
-                what = f"no trial running (starting up, or between trials), {len(seen)} epochs recorded so far"
-            else:
-                what = f"{running} trials in flight, {len(seen)} epochs recorded so far"
-            moments.append(f"{at:.1f}s: {what}")
-        wall = time.monotonic() - t_start
+                steps = [m.step for m in client.get_metric_history(t.mlflow_run_id, "val_top1")]
+                retrained += len(steps) - len(set(steps))
+            r = {"what": f"search {sid}", "moments": moments, "wall": wall, "status": search.status,
+                 "units": len(trials), "expected": args.trials, "duplicates": len(ids) - len(set(ids))
+                 + sum(1 for i in ids if i not in tune_ids), "lost": [k for k in seen if k not in final],
+                 "epochs": len(final), "retrained": retrained, "disagree": disagree,
+                 "rows": [(t.trial_id, t.status, t.epochs_done, t.error) for t in trials], "tmp": tmp, "tag": f"search{n}"}
+            reports.append(r)
 
-        store = store or ResultsStore(f"sqlite:///{home / 'orch.db'}")
-        (search,) = store.list_searches()
-        trials = store.trials(search.id)
-        final = {(t.trial_id, int(h["epoch"])): h.get("val_top1") for t in trials for h in t.history}
-        lost = [k for k in seen if k not in final]
-        ids = [t.trial_id for t in trials]
-        duplicates = len(ids) - len(set(ids))
-        import logging
+        if args.scale_cycles:
+            sid = sorted(known)[0] if len(known) == 1 else store().list_searches(1)[0].id
+            cmd = ["scale", "--from-run", sid, "--phis", "1-2", "--no-baseline", "--epochs", str(args.epochs), "--json"]
+            seen_models: dict[tuple[str, int], float] = {}
 
-        from ray.tune import ExperimentAnalysis
+            def scale_id():
+                scales = store().list_scales(1)
+                return scales[0].id if scales else None
 
-        logging.getLogger("ray.tune").setLevel(logging.ERROR)  # no result.json: the driver records results
+            def scale_landed():
+                sc = scale_id()
+                if not sc:
+                    return "before the scale was recorded"
+                runs = store().scale_runs(sc)
+                for m in runs:
+                    for h in m.history:
+                        seen_models[(m.model, int(h["epoch"]))] = h.get("val_top1")
+                return f"{sum(1 for m in runs if m.status == 'running')} models in flight, {len(seen_models)} epochs recorded"
 
-        tune_ids = {t.trial_id for t in ExperimentAnalysis(str(home / "ray" / search.id)).trials}
-        unknown = [i for i in ids if i not in tune_ids]
+            moments, wall = drive(cmd, lambda: None, env, tmp, "scale", args.scale_cycles, rng, aimed_share=args.aimed,
+                                  points=(("model-ended", 1), ("model-reported", 3)), min_s=args.min_s,
+                                  max_s=args.max_s + 20, on_kill=scale_landed)
+            sc = scale_id()
+            tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "compound-scaling")
+            rows = store().scale_runs(sc)
+            final = {(m.model, int(h["epoch"])) for m in rows for h in m.history}
+            reports.append({"what": f"scale {sc}", "moments": moments, "wall": wall,
+                            "status": store().get_scale(sc).status, "units": len(rows), "expected": 2,
+                            "duplicates": len(rows) - len({m.model for m in rows}),
+                            "lost": [k for k in seen_models if k not in final], "epochs": len(final), "retrained": 0,
+                            "disagree": disagreements(store(), tracker, scale_id=sc),
+                            "rows": [(m.model, m.status, m.epochs_done, m.error) for m in rows], "tmp": tmp,
+                            "tag": "scale"})
+
         client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
         exp = client.get_experiment_by_name("compound-scaling")
-        runs = client.search_runs([exp.experiment_id])
-        left_running = [r.info.run_id for r in runs if r.info.status == "RUNNING"]
-        retrained = 0
-        for r in runs:
-            if r.data.tags.get("orch.kind") == "trial":
-                steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_top1")]
-                retrained += len(steps) - len(set(steps))
-        epochs_expected = sum(args.epochs for t in trials if t.status == "finished")
-        store.close()
-        bad = search.status != "finished" or len(trials) != args.trials or duplicates or unknown or left_running or lost
-        if bad:  # what a reader needs to find out why: rows, Tune's trials, each driver's last lines
-            print(f"rows: {[(t.trial_id, t.status, t.epochs_done, t.error) for t in trials]}", file=sys.stderr)
-            print(f"Tune's trials: {sorted(tune_ids)}", file=sys.stderr)
-            for i in range(len(moments) + 1):
-                err = Path(tmp) / f"driver{i}.err"
-                if err.exists():
-                    print(f"--- driver {i} stderr (last lines)\n" + "\n".join(err.read_text().splitlines()[-15:]),
+        left_running = [r.info.run_id for r in client.search_runs([exp.experiment_id]) if r.info.status == "RUNNING"]
+        for r in reports:
+            r["bad"] = (r["status"] != "finished" or r["units"] != r["expected"] or r["duplicates"] or r["lost"]
+                        or r["disagree"])
+            if r["bad"]:  # what a reader needs to find out why
+                bad = True
+                print(f"--- {r['what']}: rows {r['rows']}", file=sys.stderr)
+                for line in r["disagree"]:
+                    print(f"  disagreement: {line}", file=sys.stderr)
+                for i in range(len(r["moments"]) + 1):
+                    print(f"--- {r['tag']} driver {i} stderr (last lines)\n{_tail(tmp / (r['tag'] + f'-driver{i}'))}",
                           file=sys.stderr)
+        if stores:
+            stores[0].close()
 
-    print(f"faults: {args.trials} trials × {args.epochs} epochs, kills {args.min_s:g}–{args.max_s:g} s after each "
-          f"driver start, seed {seed}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
-          + (" (quick)" if args.quick else ""))
-    for i, m in enumerate(moments, 1):
-        print(f"  kill {i}: {m}")
-    print(f"search {search.id}: {search.status}, {len(trials)} rows "
-          f"({', '.join(f'{s} {sum(1 for t in trials if t.status == s)}' for s in sorted({t.status for t in trials}))}), "
-          f"{wall:.0f} s wall in all")
-    print(f"epochs recorded {len(final)} (finished trials × epochs = {epochs_expected}); "
-          f"re-trained epochs {retrained}")
-    kills = sum(1 for m in moments if "finished first" not in m)
-    print(f"cycles run {kills}; trials expected {args.trials}, recorded {len(trials)}; "
-          f"duplicate rows {duplicates + len(unknown)}; runs left RUNNING {len(left_running)}; lost epochs {len(lost)}")
-    if bad:
+    print(f"faults: {args.searches} searches of {args.trials} trials × {args.epochs} epochs, {args.cycles} kills each"
+          f"{f', a scale with {args.scale_cycles} kills' if args.scale_cycles else ''}; {args.aimed:.0%} aimed, "
+          f"random ones {args.min_s:g}–{args.max_s:g} s after a driver start; seed {seed}, {os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d')}" + (" (quick)" if args.quick else ""))
+    kills = aimed = 0
+    for r in reports:
+        k = [m for m in r["moments"] if "finished first" not in m]
+        kills += len(k)
+        aimed += sum(1 for m in k if m.startswith("aimed"))
+        print(f"{r['what']}: {r['status']}, {r['units']} of {r['expected']} recorded, {r['epochs']} epochs, "
+              f"{r['wall']:.0f} s wall; {len(k)} kills")
+        for i, m in enumerate(r["moments"], 1):
+            print(f"  kill {i}: {m}")
+        print(f"  duplicate rows {r['duplicates']}; lost epochs {len(r['lost'])}; re-trained epochs {r['retrained']}; "
+              f"disagreements {len(r['disagree'])}")
+    units = sum(r["units"] for r in reports)
+    epochs = sum(r["epochs"] for r in reports)
+    disagree = sum(len(r["disagree"]) for r in reports)
+    lost = sum(len(r["lost"]) for r in reports)
+    dups = sum(r["duplicates"] for r in reports)
+    print(f"total: kills {kills} ({aimed} aimed), trials and models {units}, epochs {epochs}; duplicate rows {dups}; "
+          f"lost epochs {lost}; disagreements {disagree}; runs left RUNNING {len(left_running)}")
+    if bad or left_running:
         sys.exit(1)
 
 

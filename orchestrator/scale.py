@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import scaling
+from orchestrator import faultpoint, scaling
+from orchestrator.tracking import EPOCH_METRICS
 from orchestrator.home import driver_alive, driver_token
 
 #: The per-model batch rule: activation memory grows about with FLOPs per image, and the
@@ -27,9 +28,6 @@ BATCH_RULES = ("sqrt-flops", "fixed")
 MIN_BATCH = 8
 #: How often the driver collects the jobs' reports (seconds).
 POLL_S = 0.5
-#: Metrics every model's MLflow run carries, so the compare view lines them up.
-EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s")
-FINAL_METRICS = ("val_top1_final", "best_val_top1", "train_s", "images_per_s_mean", "gmacs", "params_m", "flops_ratio")
 
 
 class ScaleInputError(ValueError):
@@ -288,6 +286,14 @@ class ScaleRun:
             m.started_at = prev.started_at
             if finished_before(prev, self.opts.epochs):
                 m.status, m.earlier, m.ended_at = "finished", True, prev.ended_at
+        if self.rerun:  # a dead driver may have recorded a model's end and died before ending its run
+            open_runs = set(self.tracker.find_runs({"orch.scale_id": self.scale_id, "orch.kind": "model"},
+                                                   running_only=True))
+            for m in self.models:
+                if m.earlier and m.run_id in open_runs:
+                    hist = [m.history[e] for e in sorted(m.history)]
+                    self.tracker.settle(m.run_id, "finished", hist, EPOCH_METRICS, self._summary(hist),
+                                        {"orch.status": "finished"})
         self._changed()
 
     @property
@@ -383,6 +389,7 @@ class ScaleRun:
             m = next(x for x in self.models if x.name == name)
             self.tracker.log(m.run_id, [(k, h[k], int(h["epoch"])) for h in new for k in EPOCH_METRICS if k in h])
             self._write(m)
+            faultpoint.reached("model-reported")
         if touched:
             self._changed()
 
@@ -395,16 +402,22 @@ class ScaleRun:
             self._stop(m, "failed", f"the job ended after {m.epochs_done} of {self.opts.epochs} epochs")
             return
         m.status, m.ended_at = "finished", _now()
-        hist = [m.history[e] for e in sorted(m.history)]
-        tops = [h["val_top1"] for h in hist]
-        ips = [h["images_per_s"] for h in hist if "images_per_s" in h]
-        self.tracker.log(m.run_id, [("val_top1_final", tops[-1], m.epochs_done), ("best_val_top1", max(tops), m.epochs_done),
-                                    ("train_s", sum(h.get("train_s", 0.0) for h in hist), m.epochs_done),
-                                    ("images_per_s_mean", sum(ips) / len(ips) if ips else None, m.epochs_done)],
+        self.tracker.log(m.run_id, self._summary([m.history[e] for e in sorted(m.history)]),
                          tags={"orch.status": "finished"})
         self.tracker.end(m.run_id, "finished")
+        faultpoint.reached("model-ended")
         self._write(m)
         self._changed()
+
+    @staticmethod
+    def _summary(hist: list[dict]) -> list[tuple[str, float, int]]:
+        """A finished model's closing metrics, at its last epoch."""
+        tops = [h["val_top1"] for h in hist]
+        ips = [h["images_per_s"] for h in hist if "images_per_s" in h]
+        last = int(hist[-1]["epoch"])
+        return [("val_top1_final", tops[-1], last), ("best_val_top1", max(tops), last),
+                ("train_s", sum(h.get("train_s", 0.0) for h in hist), last),
+                ("images_per_s_mean", sum(ips) / len(ips) if ips else None, last)]
 
     def _stop(self, m: ModelState, status: str, error: str) -> None:
         m.status, m.error, m.ended_at = status, error, _now()

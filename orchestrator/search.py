@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import scaling, space, tunestate
+from orchestrator import faultpoint, scaling, space, tunestate
+from orchestrator.tracking import EPOCH_METRICS, same_value
 
 #: ASHA halves the field at each rung: with a handful of trials and epochs, 4 (Ray's default)
 #: would stop almost everything at the grace period.
@@ -99,6 +100,16 @@ class SearchOutcome:
     summary: dict
 
 
+def kept(result: dict) -> dict:
+    """What of a trial's report the record keeps."""
+    keep = {k: result[k] for k in ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s",
+                                  "images_per_s", "gmacs", "params_m", "reused_from", "node_id",
+                                  "diverged", "earlier") if k in result}
+    if result.get("worker_pid") is not None:  # Tune's own "pid" is the reporting process's
+        keep["pid"] = result["worker_pid"]
+    return keep
+
+
 class Sink:
     """Receives Tune events on the driver and writes them from one background thread."""
 
@@ -108,6 +119,8 @@ class Sink:
         self.opts, self.b0_macs, self.registry, self.on_change = opts, b0_macs, registry, on_change
         self.trials: dict[str, TrialState] = {}
         self.adopt = False  # a resumed search: a trial's run may exist with no row yet (see Tracker.start_run)
+        self._preloaded: set[str] = set()  # trials an earlier driver recorded (preload)
+        self._logged: dict[str, dict[int, float]] = {}  # their val_top1 per epoch in MLflow, read once
         self._q: queue.Queue = queue.Queue()
         self._costs: dict[str, object] = {}
         self._errors: list[BaseException] = []
@@ -122,18 +135,16 @@ class Sink:
                 r.trial_id, r.alpha, r.beta, r.gamma, r.network_key, r.resolution, r.params, r.gmacs, r.flops_ratio,
                 run_id=r.mlflow_run_id, status=r.status, history={int(h["epoch"]): h for h in r.history},
                 reused_from=r.reused_from, error=r.error, started_at=r.started_at, ended_at=r.ended_at)
+            self._preloaded.add(r.trial_id)
 
     # -- called from Tune's callback (driver thread): cheap, never blocks on I/O
     def started(self, trial_id: str, config: dict) -> None:
         self._q.put(("start", trial_id, dict(config), _now()))
 
     def result(self, trial_id: str, result: dict) -> None:
-        keep = {k: result[k] for k in ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s",
-                                      "images_per_s", "gmacs", "params_m", "reused_from", "node_id",
-                                      "diverged", "earlier") if k in result}
-        if result.get("worker_pid") is not None:  # Tune's own "pid" is the reporting process's
-            keep["pid"] = result["worker_pid"]
-        self._q.put(("result", trial_id, keep, _now()))
+        self._q.put(("result", trial_id, kept(result), _now()))
+        if result.get("epoch") == self.opts.epochs:
+            faultpoint.reached("trial-last-report")
 
     def ended(self, trial_id: str, failed: bool, error: str | None = None) -> None:
         self._q.put(("end", trial_id, (failed, error), _now()))
@@ -177,6 +188,7 @@ class Sink:
     def _apply(self, events: list) -> bool:
         dirty: dict[str, list] = {}
         ended: list[str] = []
+        settle: list[str] = []
         closing = False
         for kind, tid, payload, at in events:
             if kind == "start":
@@ -213,10 +225,7 @@ class Sink:
                     st.error = payload["diverged"]
                     dirty.setdefault(tid, [])
                     continue
-                for h in payload.pop("earlier", None) or ():  # a resumed trial's checkpointed epochs
-                    if int(h["epoch"]) not in st.history:
-                        st.history[int(h["epoch"])] = h
-                        dirty.setdefault(tid, []).append(h)
+                self._merge(st, payload.pop("earlier", None) or (), dirty)  # a resumed trial's checkpointed epochs
                 epoch = int(payload.get("epoch", st.epochs_done + 1))
                 if payload.get("reused_from"):
                     st.reused_from = payload.pop("reused_from")
@@ -238,46 +247,77 @@ class Sink:
                 ended += self._reconcile(payload, dirty, at)
             elif kind == "close":
                 closing = True
-                if self.adopt:  # runs of a dead driver's trials that no row and no trial took up
-                    known = {st.run_id for st in self.trials.values()} | {self.parent_run}
-                    for run_id in self.tracker.find_runs({"orch.search_id": self.search_id, "orch.kind": "trial"},
-                                                         running_only=True):
-                        if run_id not in known:
-                            self.tracker.log(run_id, [], tags={"orch.status": "discarded", "orch.error":
-                                                               "started as its driver was killed; never saved"})
-                            self.tracker.end(run_id, "interrupted")
+                if self.adopt:
+                    settle = self._settle_dead_driver_runs()
                 for st in self.trials.values():
                     if st.status == "running":  # interrupted: never leave a run RUNNING
                         st.status, st.ended_at = ("interrupted" if payload else "failed"), at
                         st.error = st.error or "the search stopped before this trial ended"
                         dirty.setdefault(st.trial_id, [])
                         ended.append(st.trial_id)
+        settle = [tid for tid in settle if tid not in ended]
         for tid, new in dirty.items():
             st = self.trials[tid]
-            metrics = []
-            for m in new:
-                step = int(m.get("epoch", 0))
-                metrics += [(k, m[k], step) for k in ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s")
-                            if k in m]
+            if new and tid in self._preloaded and self.adopt:
+                # A dead driver may have logged these epochs and died before writing the row.
+                if tid not in self._logged:
+                    self._logged[tid] = self.tracker.metric_steps(st.run_id, "val_top1")
+                have = self._logged[tid]
+                new = [m for m in new if not same_value(have.get(int(m.get("epoch", 0))), m.get("val_top1"))]
+            metrics = [(k, m[k], int(m.get("epoch", 0))) for m in new for k in EPOCH_METRICS if k in m]
             if metrics:
                 self.tracker.log(st.run_id, metrics)
             self.store.upsert_trial(self.search_id, tid, **self._row(st))
         for tid in ended:
             st = self.trials[tid]
-            tags = {"orch.status": st.status}
-            if st.reused_from:
-                tags["orch.reused_from"] = st.reused_from
-            if st.error:
-                tags["orch.error"] = st.error[:5000]
-            summary = [("val_top1_final", st.last("val_top1"), st.epochs_done)] if st.history else []
-            self.tracker.log(st.run_id, summary, tags=tags)
+            faultpoint.reached("trial-ended")
+            self.tracker.log(st.run_id, self._summary(st), tags=self._end_tags(st))
             self.tracker.end(st.run_id, st.status)
             if self.registry is not None and not st.reused_from:
                 history = [st.history[e] for e in sorted(st.history)] if st.status in ("finished", "stopped") else None
                 self.registry.finish.remote(st.key, tid, history)
+        for tid in settle:  # its end is recorded; its dead driver never ended its run
+            st = self.trials[tid]
+            self.tracker.settle(st.run_id, st.status, [st.history[e] for e in sorted(st.history)], EPOCH_METRICS,
+                                self._summary(st), self._end_tags(st))
         if self.on_change and (dirty or ended):
             self.on_change({"trials": list(self.trials.values())})
         return closing
+
+    @staticmethod
+    def _summary(st: TrialState) -> list:
+        return [("val_top1_final", st.last("val_top1"), st.epochs_done)] if st.history else []
+
+    @staticmethod
+    def _end_tags(st: TrialState) -> dict:
+        tags = {"orch.status": st.status}
+        if st.reused_from:
+            tags["orch.reused_from"] = st.reused_from
+        if st.error:
+            tags["orch.error"] = st.error[:5000]
+        return tags
+
+    @staticmethod
+    def _merge(st: TrialState, reports, dirty: dict) -> None:
+        """Epochs a trial reported that its record lacks (reported while no driver listened)."""
+        for h in reports:
+            if int(h["epoch"]) not in st.history:
+                st.history[int(h["epoch"])] = h
+                dirty.setdefault(st.trial_id, []).append(h)
+
+    def _settle_dead_driver_runs(self) -> list[str]:
+        """A resumed search, at its end: the runs a dead driver left RUNNING. One whose trial's
+        end is recorded (the driver died between writing the row and ending the run) is ended
+        as recorded (returned, for ``Tracker.settle``); one that no row and no trial took up
+        was started as its driver was killed and is marked discarded."""
+        open_runs = set(self.tracker.find_runs({"orch.search_id": self.search_id, "orch.kind": "trial"},
+                                               running_only=True))
+        known = {st.run_id for st in self.trials.values()} | {self.parent_run}
+        for run_id in open_runs - known:
+            self.tracker.log(run_id, [], tags={"orch.status": "discarded", "orch.error":
+                                               "started as its driver was killed; never saved"})
+            self.tracker.end(run_id, "interrupted")
+        return [st.trial_id for st in self.trials.values() if st.run_id in open_runs and st.status != "running"]
 
     def _reconcile(self, tune_trials: list[dict], dirty: dict, at) -> list[str]:
         ended = []
@@ -287,6 +327,15 @@ class Sink:
             if st is None:  # created by Tune but never started
                 continue
             if st.status in ("running", "interrupted") and t["status"] in ("TERMINATED", "ERROR"):
+                # Tune ended it while no driver listened: what it reported meanwhile comes from
+                # Tune's record (its last result and checkpoint), as a live driver would have seen it.
+                reported = t["reported"]()
+                if reported.get("reused_from") and reported["reused_from"] in self.trials:
+                    st.reused_from = reported["reused_from"]
+                    owner = self.trials[st.reused_from]
+                    self._merge(st, [dict(owner.history[e]) for e in sorted(owner.history)], dirty)
+                else:
+                    self._merge(st, reported["history"], dirty)
                 if t["status"] == "ERROR":
                     st.status, st.error = "failed", t.get("error") or "the trial failed"
                 else:
@@ -487,6 +536,8 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     sink = Sink(store, tracker, search_id, parent, opts, b0.macs, registry, on_change)
     sink.adopt = resume is not None
     sink.preload(prior)
+    if resume is not None:
+        faultpoint.reached("resumed")
     if resume is not None and not restore:
         sink.reconcile([])  # Tune knows no trial: the rows its dead driver began are dropped
     _SINKS[search_id] = sink
@@ -655,6 +706,9 @@ def _callback_class():
             if self.sink:
                 self.sink.result(trial.trial_id, result)
 
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            faultpoint.reached("checkpoint")
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             if self.sink:
                 self.sink.ended(trial.trial_id, failed=False)
@@ -720,7 +774,27 @@ def _tune_trials(experiment_path: str) -> list[dict]:
     # Its per-trial results are not read: orch turns Tune's file loggers off, and epochs a dead
     # driver missed come with the resumed trial's first report (trainable.trial_fn).
     return [{"trial_id": trial.trial_id, "status": trial.status,
-             "error": _trial_error(trial) if trial.status == "ERROR" else None} for trial in analysis.trials]
+             "error": _trial_error(trial) if trial.status == "ERROR" else None,
+             "reported": (lambda trial=trial: _reported(trial))} for trial in analysis.trials]
+
+
+def _reported(trial) -> dict:
+    """What an ended trial reported, as Tune saved it: its epochs (the latest checkpoint's
+    history, completed by the last result, which also names the process it ran in) and, for a
+    replay, the trial it replayed."""
+    last = {k: v for k, v in kept(trial.last_result or {}).items() if k not in ("earlier", "diverged")}
+    if last.get("reused_from"):
+        return {"history": [], "reused_from": last["reused_from"]}
+    epochs: dict[int, dict] = {}
+    checkpoint = trial.checkpoint
+    if checkpoint is not None:
+        from workers.train import load_checkpoint
+
+        with checkpoint.as_directory() as d:
+            epochs = {int(h["epoch"]): dict(h) for h in load_checkpoint(d).get("history", [])}
+    if "epoch" in last:
+        epochs[int(last["epoch"])] = epochs.get(int(last["epoch"]), {}) | last
+    return {"history": [epochs[e] for e in sorted(epochs)], "reused_from": None}
 
 
 def _unfinished(grid) -> bool:

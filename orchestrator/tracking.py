@@ -16,6 +16,9 @@ from urllib.parse import urlparse
 
 #: How long an unreachable tracking server may keep `orch` waiting before it gives up.
 CONNECT_TIMEOUT_S = 10.0
+#: The per-epoch metrics of every trial's and model's run (the store keeps them in each row's history).
+EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s")
+#: An ended unit's store status -> its MLflow run status.
 STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED", "killed": "KILLED"}
 
 
@@ -197,11 +200,60 @@ class Tracker:
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=STATUS.get(status, status))
 
-    def run_status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
+    def runs(self, tags: dict) -> list["RunView"]:
+        """The runs carrying all these tags, with their status and tags."""
+        where = " and ".join(f"tags.\"{k}\" = '{v}'" for k, v in tags.items())
+        found = self.client.search_runs([self.experiment_id], filter_string=where, max_results=1000)
+        return [RunView(r.info.run_id, r.info.status, dict(r.data.tags)) for r in found]
 
-    def get_run(self, run_id: str):
-        return self.client.get_run(run_id)
+    def view(self, run_id: str) -> "RunView | None":
+        from mlflow.exceptions import MlflowException
+
+        try:
+            r = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return RunView(r.info.run_id, r.info.status, dict(r.data.tags))
+
+    def metric_steps(self, run_id: str, key: str) -> dict[int, float]:
+        """``key``'s value at each step, the last one logged where a step was logged twice (an
+        epoch trained again after a driver was killed between its report and its checkpoint)."""
+        out: dict[int, tuple[int, float]] = {}
+        for m in self.client.get_metric_history(run_id, key):
+            if m.step not in out or m.timestamp >= out[m.step][0]:
+                out[m.step] = (m.timestamp, m.value)
+        return {step: v for step, (_, v) in out.items()}
+
+    def settle(self, run_id: str, status: str, history: list[dict], keys: tuple[str, ...],
+               summary: list[tuple[str, float, int]] = (), tags: dict | None = None) -> None:
+        """End a run the way its record says it ended, after a driver died before it could: the
+        epochs of ``history`` that MLflow lacks (or holds with another value) are logged, then
+        the summary and tags, then the end status. Idempotent."""
+        have = self.metric_steps(run_id, keys[0]) if history else {}
+        missing = [h for h in history if not same_value(have.get(int(h["epoch"])), h.get(keys[0]))]
+        self.log(run_id, [(k, h[k], int(h["epoch"])) for h in missing for k in keys if k in h] + list(summary),
+                 tags=tags)
+        self.end(run_id, status)
+
+
+class RunView:
+    """A run as orch reads it back: id, MLflow status, tags."""
+
+    __slots__ = ("run_id", "status", "tags")
+
+    def __init__(self, run_id: str, status: str, tags: dict):
+        self.run_id, self.status, self.tags = run_id, status, tags
+
+    @property
+    def parent(self) -> str | None:
+        return self.tags.get("mlflow.parentRunId")
+
+
+def same_value(a, b) -> bool:
+    """Two metric values as MLflow and the store hold them (both doubles; None: absent)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
 
 
 def _param_str(v) -> str:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ from click.testing import CliRunner
 from benchmarks.faults import crash as sigkill
 from benchmarks.faults import spawn
 from orchestrator import space, tunestate
+from orchestrator.audit import disagreements
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
+from orchestrator.tracking import Tracker
 from tests.conftest import TINY, error_line, no_search_recorded
 
 pytestmark = pytest.mark.slow
@@ -123,6 +126,8 @@ def test_sigkilled_search_resumes_and_sigkilled_scale_reruns(tmp_path):
     assert len(post_study) == 3 and [t.params for t in post_study[:len(pre_study)]] == pre_study
     assert sum(1 for t in post_study if t.user_attrs.get(space.PAPER_ATTR)) == 1
 
+    tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "compound-scaling")
+    assert disagreements(store, tracker, search_id=search_id) == []  # the store and MLflow agree
     client = mlflow_client(home)
     runs = children(client, out["mlflow_run_id"])
     assert len(runs) == 3 and {r.info.run_id for r in runs} == {t.mlflow_run_id for t in trials}
@@ -151,6 +156,7 @@ def test_sigkilled_search_resumes_and_sigkilled_scale_reruns(tmp_path):
     log = tmp_path / "scale2"
     out = finish(spawn(args, env, log), log)
     assert out["scale_id"] == scale_id and out["status"] == "finished"
+    assert disagreements(store, tracker, scale_id=scale_id) == []
     rows = store.scale_runs(scale_id)
     assert [r.model for r in rows] == ["B1"]
     assert all(r.status == "finished" and [h["epoch"] for h in r.history] == [1, 2] for r in rows)
@@ -460,4 +466,50 @@ def test_resume_before_tune_saved_anything_starts_afresh_under_the_same_id(ray_s
     assert store.get_search("search-early").mlflow_run_id == parent  # the search's own run, adopted
     assert client.get_run(parent).info.status == "FINISHED"
     assert len(children(client, parent)) == 3
+    store.close()
+
+
+def test_resume_ends_the_runs_of_trials_tune_ended_while_no_driver_listened(ray_session, home):
+    """Issue #21's case, without timing: a search whose trials Tune saved as ended while the
+    dead driver's record lags behind. Built from a real finished search by putting its record
+    back to what a SIGKILL in the window leaves:
+    - trial A: its end is in the store, its MLflow run was never ended (killed between the two);
+    - trial B: Tune finished it after its last report, the driver had logged that epoch to
+      MLflow but not yet written it to the store.
+    The resumed search must end both as a live driver would have, and the store and MLflow
+    must agree afterwards."""
+    res = _search_in_process(["--gpus", "0", "--trials", "2", "--epochs", "2", "--grace-epochs", "2"])
+    assert res.exit_code == 0, res.output
+    search_id = json.loads(res.stdout)["search_id"]
+    store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+    tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "compound-scaling")
+    assert disagreements(store, tracker, search_id=search_id) == []
+    search = store.get_search(search_id)
+    a, b = sorted(store.trials(search_id), key=lambda t: t.trial_id)
+    assert a.status == b.status == "finished" and not a.reused_from and not b.reused_from
+
+    client = mlflow_client(home)
+    for run_id in (search.mlflow_run_id, a.mlflow_run_id, b.mlflow_run_id):  # as the dead driver left them
+        client.update_run(run_id, status="RUNNING")
+        client.delete_tag(run_id, "orch.status")
+    store.update_search(search_id, status="running", finished_at=None)
+    first = b.history[0]
+    row = {k: v for k, v in asdict(b).items() if k not in ("search_id", "trial_id")}
+    store.upsert_trial(search_id, b.trial_id, **row | dict(status="running", epochs_done=1, history=[first],
+                       val_top1=first["val_top1"], best_val_top1=first["val_top1"], ended_at=None))
+    assert len(disagreements(store, tracker, search_id=search_id)) >= 4
+
+    res = _resume(search_id, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["status"] == "finished"
+    assert disagreements(store, tracker, search_id=search_id) == []
+    after = {t.trial_id: t for t in store.trials(search_id)}
+    assert after[a.trial_id].history == a.history
+    assert after[b.trial_id].status == "finished" and [h["epoch"] for h in after[b.trial_id].history] == [1, 2]
+    assert after[b.trial_id].history[-1]["pid"] == b.history[-1]["pid"]  # from Tune's last result
+    for t in (a, b):
+        run = client.get_run(t.mlflow_run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["orch.status"] == "finished"
+        steps = sorted(m.step for m in client.get_metric_history(t.mlflow_run_id, "val_top1"))
+        assert steps == [1, 2]  # nothing logged twice
     store.close()
