@@ -124,6 +124,10 @@ def main():
     """
     import logging
 
+    from orchestrator.cluster import sigterm_as_ctrl_c
+
+    sigterm_as_ctrl_c()
+
     # orch's own warnings (a store write being retried, …) go to stderr as one line each
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("orch: %(message)s"))
@@ -252,7 +256,10 @@ def open_store(home, db_url):
     from orchestrator import home as home_mod
     from orchestrator.store import SchemaOutOfDate, StoreError, ResultsStore
 
+    from orchestrator.cluster import reap_state_folder
+
     h = home_mod.home_dir(home)
+    reap_state_folder(h)  # what a SIGKILLed driver's local Ray left running
     if not db_url:
         try:
             home_mod.ensure_writable(h)
@@ -511,7 +518,7 @@ def _run_search_command(opts, search_id, store, tracker, home, address, storage,
     gpus, gpus_per_trial, cpus_per_trial = opts.gpus, opts.gpus_per_trial, opts.cpus_per_trial
     with err.status("starting Ray…"):
         try:
-            info = cluster_mod.connect(address)
+            info = cluster_mod.connect(address, home=h)
         except cluster_mod.ClusterError as e:
             raise click.BadParameter(str(e), param_hint="--address")
     try:
@@ -743,7 +750,7 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
     home_mod.ensure_writable(h)
     info = resources = storage_path = None
     if todo:
-        info, resources, storage_path = _connect_for_jobs(err, address, opts, storage, home_mod.ray_storage(h))
+        info, resources, storage_path = _connect_for_jobs(err, address, opts, storage, h)
     try:
         runner = scale_mod.ScaleRun(scale_id, source, coeffs, opts, plan, store=store, tracker=tracker)
         err.print(f"{title}\n{len(plan) - len(todo)} of {len(plan)} models finished earlier; training "
@@ -784,13 +791,15 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         raise SystemExit(130)
 
 
-def _connect_for_jobs(err, address, opts, storage, default_storage):
+def _connect_for_jobs(err, address, opts, storage, home):
     """Ray and the jobs' resources, or a click error before anything is launched."""
     from orchestrator import cluster as cluster_mod
+    from orchestrator.home import ray_storage
 
+    default_storage = ray_storage(home)
     with err.status("starting Ray…"):
         try:
-            info = cluster_mod.connect(address)
+            info = cluster_mod.connect(address, home=home)
         except cluster_mod.ClusterError as e:
             raise click.BadParameter(str(e), param_hint="--address")
     try:
@@ -925,18 +934,31 @@ def _show_scale(store, sc, as_json: bool) -> None:
 # --------------------------------------------------------------------------- orch ui
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback
+                   for info in socket.getaddrinfo(host.strip("[]"), None))
+    except (OSError, ValueError):
+        return False
+
+
 @main.command()
 @click.option("--scale", "scale_id", default=None, callback=_check_id, metavar="ID",
               help="The scale whose models to compare (id or MLflow run id). Default: the newest scale.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind. The UI has no authentication: keep it on 127.0.0.1 unless it sits "
-              "behind an authenticating proxy.")
+              "behind an authenticating proxy; any other address also needs --expose.")
+@click.option("--expose", is_flag=True,
+              help="Allow a --host that is not loopback (the UI then serves every run to whoever reaches it).")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=5000, show_default=True, help="Port to listen on.")
 @experiment_option
 @home_option
 @db_url_option
 @tracking_option
-def ui(scale_id, host, port, experiment, home, db_url, tracking_uri):
+def ui(scale_id, host, expose, port, experiment, home, db_url, tracking_uri):
     """Start the MLflow UI on the tracking store and print the URL of a scale's comparison.
 
     With a tracking server (--tracking-uri http://…) nothing is started: the URL on that server
@@ -952,6 +974,14 @@ def ui(scale_id, host, port, experiment, home, db_url, tracking_uri):
     from orchestrator import home as home_mod
     from orchestrator.tracking import check_reachable, compare_url
 
+    if not _is_loopback(host):
+        if not expose:
+            raise click.BadParameter(
+                f"{host} is not a loopback address: the MLflow UI has no authentication, so anyone who reaches "
+                f"{host}:{port} reads and changes every run; add --expose if that is meant (behind an "
+                f"authenticating proxy)", param_hint="--host")
+        stderr_console().print(f"orch: warning: the MLflow UI on {host}:{port} has no authentication; anyone who "
+                               f"can reach it reads and changes every run", highlight=False)
     store = open_store(home, db_url)
     if scale_id:
         sc = store.get_scale(scale_id) or store.find_scale_by_mlflow_run(scale_id)

@@ -35,10 +35,21 @@ def _quiet_env() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> ClusterInfo:
-    """Connect (or reuse an initialised Ray). The local instance binds to 127.0.0.1 and has no
-    dashboard; ``address`` may be ``auto``, ``host:port`` or ``ray://host:10001``."""
+def connect(address: str | None = None, *, num_cpus: int | None = None, home: Path | None = None) -> ClusterInfo:
+    """Connect (or reuse an initialised Ray). ``address`` may be ``auto``, ``host:port`` or
+    ``ray://host:10001``; without one, an embedded local instance starts that stays on this
+    machine (see ``local_only``), keeping its session folders and token in the state folder
+    ``home`` (default: ORCH_HOME)."""
+    import sys
+
     _quiet_env()
+    fresh = "ray" not in sys.modules
+    if not address and (fresh or not sys.modules["ray"].is_initialized()):
+        from orchestrator.home import home_dir
+
+        temp = local_only(home or home_dir())  # before Ray reads its settings
+        if not fresh:  # Ray was imported already: have it read them again
+            _reload_ray_auth()
     import ray
 
     started = False
@@ -50,19 +61,294 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
         try:
             if address:
                 ray.init(address=address, **kwargs)
+                private_token(None)
+                warn_if_exposed(address)
             else:
-                ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+                ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", _temp_dir=temp, **kwargs)
                 started = True
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = address or "a local Ray instance"
             raise ClusterError(f"cannot connect to Ray at {where}: {str(e).splitlines()[0]}") from None
+    sigterm_as_ctrl_c(force=True)  # ray.init put in Ray's own handler, which just exits
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     return ClusterInfo(float(res.get("CPU", 0)), float(res.get("GPU", 0)), address, started, max(1, nodes))
 
 
+# --------------------------------------------------------------------------- the embedded instance
+#
+# What orch starts on a workstation stays on it (measured with tests/test_local_only.py, every
+# listening socket of every process of a running search and scale):
+# - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's own local-only mode (its default on macOS and
+#   Windows): the node's address is 127.0.0.1 (`_node_ip_address` alone is turned into the
+#   host's address), so the GCS, the raylet and object manager, every core worker, the dashboard
+#   agent, the runtime-env agent and the metrics exporters bind 127.0.0.1 instead of all
+#   interfaces. Set for this process and inherited by every Ray process it starts; never for
+#   a driver of a real cluster (--address), where the node must be reachable.
+# - include_dashboard=False: no dashboard head (the job API is not needed on a workstation).
+# - Ray's temp/session folder is <state folder>/ray-local/tmp (ray-local owner-only) instead of
+#   /tmp/ray (world-writable, shared by everyone); what dead drivers left is stopped and capped.
+# - Token authentication stays on; the token is <state folder>/ray-auth-token, created 0600,
+#   instead of ~/.ray/auth_token, which Ray creates world-readable.
+
+#: Ray puts unix sockets in its session folder and their paths may not exceed 107 bytes:
+#: "<temp>/session_<26-char date>_<pid, ≤7>/sockets/plasma_store" leaves 43 for <temp>.
+RAY_TEMP_MAX = 43
+#: Session folders of dead drivers kept (their logs), newest first; older ones are removed.
+KEEP_SESSIONS = 3
+
+
+def local_only(home: Path) -> str:
+    """Prepare this process to start an embedded Ray instance that stays on this machine:
+    loopback-only mode, a private temp folder (returned, for ``ray.init(_temp_dir=…)``), an
+    owner-only token, and what a dead driver left there stopped and removed."""
+    import os
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # imported already; Ray's address lookup reads it at call time
+        constants.ENABLE_RAY_CLUSTER = False
+    temp = ray_temp(home)
+    reap_dead_sessions(temp)
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH") \
+            and os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN_PATH"] = str(_new_token(home / "ray-auth-token"))
+    private_token(None)
+    return temp
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads RAY_AUTH_MODE and its token when first imported; after ``local_only`` changed
+    them in a process that had imported Ray, it reads them again (as Ray's own
+    ``_enable_token_auth`` does)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):  # pragma: no cover - a Ray without token auth
+        pass
+
+
+def _new_token(path: Path) -> Path:
+    """The embedded instance's token file, created owner-only (never readable by others, not
+    even for a moment)."""
+    import os
+    import secrets
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def private_token(path: Path | None) -> None:
+    """Make the token file Ray reads (``path``, else RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)
+    owner-only if it is ours and readable by others; says so once. Its content is never read."""
+    import os
+    import stat
+    import sys
+
+    path = path or Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o600)
+        print(f"orch: made the Ray token {path} owner-only (it was {stat.S_IMODE(st.st_mode):04o})",
+              file=sys.stderr)
+
+
+def ray_temp(home: Path) -> str:
+    """Ray's temp folder for the embedded instance: <home>/ray-local/tmp. Ray makes its temp and
+    session folders world-writable (0777) whenever it creates one, so the folder above it,
+    ray-local, is owner-only: no one else can reach inside. Where the path is too long for
+    Ray's unix sockets (RAY_TEMP_MAX), Ray is handed a short alias to it inside an owner-only
+    /tmp/orch-<uid>: the sessions still live in the state folder."""
+    import os
+    import stat
+
+    private = home / "ray-local"
+    real = private / "tmp"
+    try:
+        private.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(private, 0o700)
+        real.mkdir(exist_ok=True)
+    except OSError as e:
+        raise ClusterError(f"cannot create Ray's folder {real} ({e.strerror}); set ORCH_HOME to a writable folder") from None
+    if len(str(real)) <= RAY_TEMP_MAX:
+        return str(real)
+    alias = _alias(real)
+    base = alias.parent
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(base)
+    except OSError as e:
+        raise ClusterError(f"cannot create {base} ({e.strerror}) for Ray's sockets; set TMPDIR to a writable folder") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise ClusterError(f"{base} is not a folder of yours (a link, or another user's); remove it, or set TMPDIR")
+    os.chmod(base, 0o700)
+    if not (alias.is_symlink() and os.readlink(alias) == str(real)):
+        tmp = base / f".{alias.name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(real)
+        os.replace(tmp, alias)
+    return str(alias)
+
+
+def _alias(real: Path) -> Path:
+    """The short name Ray is given for a state folder's ray-local/tmp whose path is too long."""
+    import hashlib
+    import os
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"orch-{os.getuid()}" / hashlib.sha256(str(real).encode()).hexdigest()[:12]
+
+
+def reap_state_folder(home: Path) -> list[int]:
+    """``reap_dead_sessions`` for the embedded instances of a state folder, if it has any; what
+    every orch command that opens the state folder does first."""
+    real = home / "ray-local" / "tmp"
+    if not real.is_dir():
+        return []
+    if len(str(real)) <= RAY_TEMP_MAX:
+        return reap_dead_sessions(str(real))
+    return reap_dead_sessions(str(_alias(real)))
+
+
+def reap_dead_sessions(temp: str) -> list[int]:
+    """Stop what embedded instances of dead orch drivers left running (a SIGKILLed driver's Ray
+    processes: agents and workers outlive it) and keep only the newest KEEP_SESSIONS of their
+    session folders. Instances of live drivers (concurrent orch processes) are left alone.
+    Returns the pids stopped."""
+    import os
+    import shutil
+    import signal
+
+    killed = []
+    for pid, owner in _owned_processes(temp):
+        if owner != os.getpid() and not _alive(owner):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+    dead = []
+    for d in Path(temp).glob("session_*"):
+        if d.is_symlink() or not d.is_dir():
+            continue
+        tail = d.name.rsplit("_", 1)[-1]
+        if tail.isdigit() and int(tail) != os.getpid() and not _alive(int(tail)):
+            dead.append(d)
+    for d in sorted(dead, key=lambda p: p.name, reverse=True)[KEEP_SESSIONS:]:
+        shutil.rmtree(d, ignore_errors=True)
+    return killed
+
+
+def _owned_processes(temp: str):
+    """(pid, driver pid) of this user's processes of the embedded instances in ``temp``: each
+    Ray process keeps its log files open in its session folder, session_<date>_<driver pid>
+    (Ray renames its processes and gives its agents a filtered environment; the open logs stay)."""
+    import os
+
+    root = os.path.realpath(temp) + os.sep
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(root + "session_"):
+                tail = target[len(root):].split(os.sep, 1)[0].rsplit("_", 1)[-1]
+                if tail.isdigit():
+                    yield int(entry), int(tail)
+                    break
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def warn_if_exposed(address: str) -> None:
+    """One line when the cluster orch connected to is not on this machine and this connection
+    is not token-authenticated (anyone who can reach it can run code there). Changes nothing."""
+    import ipaddress
+    import socket
+    import sys
+
+    import ray
+
+    gcs = address
+    if ray.is_initialized():
+        try:
+            gcs = ray.get_runtime_context().gcs_address or address
+        except Exception:  # noqa: BLE001 - e.g. a Ray Client connection: judge the address given
+            pass
+    host = gcs.split("://")[-1].rpartition(":")[0] or gcs
+    try:
+        loopback = ipaddress.ip_address(socket.gethostbyname(host.strip("[]"))).is_loopback
+    except (OSError, ValueError):
+        loopback = False
+    if not loopback and not _token_auth():
+        print(f"orch: warning: Ray at {gcs} is not on this machine and this connection is not token-"
+              f"authenticated: anyone who can reach it can run code on it. Start the cluster with "
+              f"RAY_AUTH_MODE=token (deploy/README.md) and set RAY_AUTH_MODE=token here", file=sys.stderr)
+
+
+def _token_auth() -> bool:
+    """Whether this driver's connection sends a token (Ray decides it at ray.init: RAY_AUTH_MODE,
+    or a token found where Ray looks)."""
+    import os
+
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        return get_authentication_mode() == AuthenticationMode.TOKEN
+    except ImportError:  # pragma: no cover - a Ray without token auth
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+
+
 #: How long an unreachable head may keep `orch` waiting (ray.init itself retries for minutes).
 CONNECT_TIMEOUT_S = 5.0
+
+
+def _as_ctrl_c(signum, frame) -> None:
+    import signal
+
+    signal.raise_signal(signal.SIGINT)
+
+
+def sigterm_as_ctrl_c(force: bool = False) -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends a command the way Ctrl-C does: runs ended, the
+    local Ray instance and any server orch started shut down, nothing left running. ``force``:
+    also over a handler someone else installed (Ray's, which exits on the spot)."""
+    import signal
+
+    try:
+        if force or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _as_ctrl_c)
+    except ValueError:  # not the main thread
+        pass
 
 
 def _check_reachable(address: str) -> None:

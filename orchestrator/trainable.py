@@ -225,8 +225,13 @@ def fit_job(model: str, train_cfg: dict, *, workers: int, use_gpu: bool, resourc
     ``run_name`` and storage continues from its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    trainer = TorchTrainer(
+    # One worker needs no process group: TorchTrainer would start torch.distributed's rendezvous
+    # store anyway, a TCP listener on all interfaces (torch has no bind address for it), so a
+    # one-worker job runs under the plain trainer and opens no port at all.
+    trainer_cls = TorchTrainer if workers > 1 else DataParallelTrainer
+    trainer = trainer_cls(
         train_loop_per_worker,
         train_loop_config={"train": train_cfg},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
