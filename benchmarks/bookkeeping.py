@@ -63,7 +63,7 @@ def run_one(n: int, timer: SuggestTimer, work_s: float) -> dict:
         store = ResultsStore(f"sqlite:///{h / 'orch.db'}")
         tracker = Tracker(f"sqlite:///{h / 'mlflow.db'}", "bookkeeping", h / "mlartifacts")
         info = cluster_mod.connect(None)
-        opts = SearchOptions(name=f"bookkeeping-{n}", trials=n, epochs=2, grace_epochs=2, gpus=0, work_s=work_s,
+        opts = SearchOptions(name=f"bookkeeping-{n}", trials=n, epochs=2, grace_epochs=2, gpus=0, work_s=work_s, confirm_top=0,
                              synthetic_size=(64, 32))
         timer.times.clear()
         out = run_search(opts, store=store, tracker=tracker, cluster=info, storage_path=h / "ray")

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 #: Aimed kills of a search driver: (point, largest n drawn). "resumed" only for a resumed driver.
-SEARCH_POINTS = (("trial-last-report", 3), ("trial-ended", 3), ("checkpoint", 6), ("resumed", 1))
+SEARCH_POINTS = (("trial-last-report", 3), ("trial-ended", 3), ("checkpoint", 6), ("resumed", 1),
+                 ("confirm-trial-ended", 2))
 
 
 def spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -193,7 +194,9 @@ def main() -> None:
                     f"{len(seen)} epochs recorded so far"
 
             new = ["search", "--gpus", "0", "--trials", str(args.trials), "--epochs", str(args.epochs),
-                   "--grace-epochs", str(args.epochs), "--seed", str(n), "--json", *data]
+                   "--grace-epochs", str(args.epochs), "--seed", str(n), "--json", *data,
+                   # a confirmation phase too (kills land in it), except in the CI-sized run
+                   "--confirm-top", "0" if args.quick else "2"]
             moments, wall = drive(new, again, env, tmp, f"search{n}", args.cycles, rng, aimed_share=args.aimed,
                                   points=SEARCH_POINTS, min_s=args.min_s, max_s=args.max_s, on_kill=landed,
                                   # --quick: issue #21's window first (a trial's end recorded, its run
@@ -205,7 +208,8 @@ def main() -> None:
             trials = store().trials(sid)
             final = {(t.trial_id, int(h["epoch"])): h.get("val_top1") for t in trials for h in t.history}
             ids = [t.trial_id for t in trials]
-            tune_ids = {t.trial_id for t in ExperimentAnalysis(str(home / "ray" / sid)).trials}
+            tune_ids = {t.trial_id for name in (sid, f"{sid}-confirm") if (home / "ray" / name).is_dir()
+                        for t in ExperimentAnalysis(str(home / "ray" / name)).trials}
             tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "compound-scaling")
             disagree = disagreements(store(), tracker, search_id=sid)
             client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
@@ -214,7 +218,7 @@ def main() -> None:
                 steps = [m.step for m in client.get_metric_history(t.mlflow_run_id, "val_top1")]
                 retrained += len(steps) - len(set(steps))
             r = {"what": f"search {sid}", "moments": moments, "wall": wall, "status": search.status,
-                 "units": len(trials), "expected": args.trials, "duplicates": len(ids) - len(set(ids))
+                 "units": sum(1 for t in trials if t.phase == "search"), "expected": args.trials, "duplicates": len(ids) - len(set(ids))
                  + sum(1 for i in ids if i not in tune_ids), "lost": [k for k in seen if k not in final],
                  "epochs": len(final), "retrained": retrained, "disagree": disagree,
                  "rows": [(t.trial_id, t.status, t.epochs_done, t.error) for t in trials], "tmp": tmp, "tag": f"search{n}"}

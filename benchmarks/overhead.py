@@ -41,7 +41,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="orch-overhead-") as home:
         env = dict(os.environ, ORCH_HOME=home, MLFLOW_DISABLE_TELEMETRY="true")
         env.pop("RAY_ADDRESS", None)
-        cmd = [sys.executable, "-m", "orchestrator.cli", "search", "--gpus", "0", "--trials", str(trials),
+        cmd = [sys.executable, "-m", "orchestrator.cli", "search", "--confirm-top", "0", "--gpus", "0", "--trials", str(trials),
                "--epochs", epochs, "--grace-epochs", epochs, "--synthetic-size", *size, "--batch-size", "32", "--json"]
         t0 = time.monotonic()
         res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

@@ -69,7 +69,7 @@ def main() -> None:
         env.pop("RAY_ADDRESS", None)
         t0 = time.monotonic()
         p = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "search", "--gpus", "0", "--trials", str(args.trials),
+            [sys.executable, "-m", "orchestrator.cli", "search", "--confirm-top", "0", "--gpus", "0", "--trials", str(args.trials),
              "--epochs", str(args.epochs), "--grace-epochs", str(args.epochs), "--synthetic-size", "128", "64",
              "--batch-size", "32", "--json"],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -396,12 +396,19 @@ class SearchProgress(LiveProgress):
               help="Minimum epochs before ASHA may stop a trial.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds Optuna's TPE, the data and the models.")
 @click.option("--tolerance", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.1, show_default=True,
-              help="band/grid: accept |α·β²·γ² − 2| up to this.")
-@click.option("--flops-tolerance", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.25,
-              show_default=True, help="The winner's measured FLOPs ratio to B0 must be within this fraction of 2.")
+              help="band/grid: propose points with |α·β²·γ² − 2| up to this (the formula; what trains is held to "
+              "--flops-tolerance on measured FLOPs).")
+@click.option("--flops-tolerance", type=click.FloatRange(min=0.001, max=1.0), default=0.05,
+              show_default=True, help="Every trained candidate's measured FLOPs ratio to B0 is within this fraction "
+              "of 2 (its width is solved to get there; one that cannot is infeasible and not trained).")
 @click.option("--grid-step", type=click.FloatRange(min=0.005, max=0.5), default=0.05, show_default=True,
               help="grid: step of the coefficient grid.")
 @click.option("--no-paper-point", is_flag=True, help="Do not evaluate the paper's (1.2, 1.1, 1.15) first.")
+@click.option("--confirm-top", type=click.IntRange(min=0, max=20), default=3, show_default=True,
+              help="After the search, train the top N distinct networks again at the full budget with fresh "
+              "seeds; the winner is the best mean (0: no confirmation, the best single trial wins).")
+@click.option("--confirm-seeds", type=click.IntRange(min=1, max=20), default=2, show_default=True,
+              help="Fresh seeds per confirmed network (2 or more give a noise estimate).")
 @click.option("--dataset", default="synthetic", show_default=True, callback=_dataset,
               help="'synthetic' (generated, no download) or 'imagefolder:PATH' (PATH/train/<class>/…, PATH/val/<class>/…).")
 @click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
@@ -434,7 +441,7 @@ class SearchProgress(LiveProgress):
 @json_option
 @click.pass_context
 def search(ctx, space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tolerance, grid_step, no_paper_point,
-           dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial, cpus_per_trial, max_failures, name,
+           confirm_top, confirm_seeds, dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial, cpus_per_trial, max_failures, name,
            synthetic_size, resume_id, experiment, home, db_url, tracking_uri, address, storage, as_json):
     """Search φ=1 coefficients (α, β, γ) with α·β²·γ² ≈ 2 as Ray Tune trials.
 
@@ -481,6 +488,7 @@ def search(ctx, space_kind, trials, epochs, grace_epochs, seed, tolerance, flops
         dataset=dataset, base_resolution=base_resolution, num_classes=num_classes_of(dataset),
         batch_size=batch_size, lr=lr, gpus=gpus, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
         max_failures=max_failures, experiment=experiment, synthetic_size=tuple(synthetic_size) if synthetic_size else None,
+        confirm_top=confirm_top, confirm_seeds=confirm_seeds,
     )
     store = open_store(home, db_url)
     tracker = open_tracker(home, tracking_uri, experiment)
@@ -555,10 +563,14 @@ def _run_search_command(opts, search_id, store, tracker, home, address, storage,
                   f"{s['n_networks']} distinct networks ({s['n_reused']} reused), {s['wall_s']:.0f}s wall"
                   + (f", efficiency {s['efficiency']}" if s["efficiency"] is not None else " (resumed)"),
                   highlight=False)
+        if s.get("confirmation"):
+            _print_confirmation(out, s["confirmation"])
         if best:
             note = "" if s["winner_within_tolerance"] else " (no trial was within --flops-tolerance; best overall)"
+            mean = (f" confirmed {best['confirm_mean']:.4f} ± {best['confirm_std']:.4f} over {len(best['confirm_seeds'])} "
+                    f"seeds" if best.get("confirm_mean") is not None else "")
             out.print(f"winner {best['trial_id']}: α={best['alpha']:.4f} β={best['beta']:.4f} γ={best['gamma']:.4f} "
-                      f"val_top1={best['val_top1']:.4f} FLOPs ×B0={best['flops_ratio']:.2f}{note}", highlight=False)
+                      f"val_top1={best['val_top1']:.4f}{mean} FLOPs ×B0={best['flops_ratio']:.2f}{note}", highlight=False)
             out.print(f"next: orch scale --from-run {outcome.search_id}", highlight=False)
     if outcome.status == "interrupted":
         err.print(f"continue it with: orch search --resume {outcome.search_id}", highlight=False)
@@ -882,13 +894,11 @@ def runs_show(run_id, home, db_url, as_json):
             raise click.BadParameter(f"no search or scale {run_id!r} in {store.masked_url}; see `orch runs list`",
                                      param_hint="RUN_ID")
         return _show_scale(store, sc, as_json)
+    from dataclasses import asdict
+
     trials = store.trials(s.id)
     entry = _search_entry(s) | {"config": s.config, "summary": s.summary, "error": s.error, "trials": [
-        {"trial_id": t.trial_id, "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma, "status": t.status,
-         "epochs_done": t.epochs_done, "val_top1": t.val_top1, "best_val_top1": t.best_val_top1,
-         "resolution": t.resolution, "gmacs": t.gmacs, "flops_ratio": t.flops_ratio, "network_key": t.network_key,
-         "reused_from": t.reused_from, "mlflow_run_id": t.mlflow_run_id, "error": t.error, "history": t.history}
-        for t in trials]}
+        {k: v for k, v in asdict(t).items() if k != "search_id"} for t in trials]}
     if as_json:
         click.echo(json.dumps(entry, indent=2, default=str))
         return
@@ -900,14 +910,37 @@ def runs_show(run_id, home, db_url, as_json):
     if s.error:
         out.print(f"error: {s.error}", highlight=False)
     table = Table()
-    for c in ("trial", "α", "β", "γ", "res", "×B0", "epochs", "val_top1", "status"):
+    for c in ("trial", "α", "β", "γ", "res", "×B0", "act M", "img/s", "epochs", "val_top1", "status"):
         table.add_column(c)
     for t in trials:
+        notes = [f"reused {t.reused_from}"] if t.reused_from else []
+        notes += ["paper point, off the surface"] if t.off_surface else []
+        notes += [f"confirm, seed {t.seed}"] if t.phase == "confirm" else []
         table.add_row(t.trial_id + (" *" if t.trial_id == s.best_trial_id else ""), f"{t.alpha:.3f}", f"{t.beta:.3f}",
                       f"{t.gamma:.3f}", str(t.resolution), f"{t.flops_ratio:.2f}" if t.flops_ratio else "-",
+                      f"{t.activations_m:.2f}" if t.activations_m is not None else "-",
+                      f"{t.images_per_s:.0f}" if t.images_per_s is not None else "-",
                       str(t.epochs_done), f"{t.val_top1:.4f}" if t.val_top1 is not None else "-",
-                      t.status + (f" (reused {t.reused_from})" if t.reused_from else ""))
+                      t.status + (f" ({'; '.join(notes)})" if notes else ""))
     out.print(table)
+    if s.summary and s.summary.get("confirmation"):
+        _print_confirmation(out, s.summary["confirmation"])
+
+
+def _print_confirmation(out, conf: dict) -> None:
+    """The confirmed networks, best mean first, and the verdict on the winner's margin."""
+    from rich.table import Table
+
+    table = Table(title="confirmation: the top networks again, fresh seeds, full budget")
+    for c in ("trial", "α", "β", "γ", "search val_top1", "mean ± std", "seeds"):
+        table.add_column(c)
+    for c in conf["candidates"]:
+        table.add_row(c["trial_id"], f"{c['alpha']:.3f}", f"{c['beta']:.3f}", f"{c['gamma']:.3f}",
+                      f"{c['search_val_top1']:.4f}",
+                      f"{c['mean']:.4f} ± {c['std']:.4f}" if c["mean"] is not None else "-",
+                      ", ".join(str(x) for x in c["seeds"]) or "-")
+    out.print(table)
+    out.print(f"winner {conf['winner']}: {conf['verdict']}", highlight=False)
 
 
 def _show_scale(store, sc, as_json: bool) -> None:

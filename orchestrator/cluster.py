@@ -27,7 +27,11 @@ def _quiet_env() -> None:
     # to its store and MLflow from the driver, so those are pure overhead.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")
+    # An infeasible candidate's trial ends without a report (space.py): Tune's strict check
+    # would fail the search on its empty final result. ASHA skips results without the metric,
+    # OptunaSearch records them as pruned (with the constraint), and every report orch's
+    # trainables make carries val_top1.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # Ray Train polls its workers this often; the default 2 s adds up to 2 s to every report

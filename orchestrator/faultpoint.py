@@ -7,6 +7,7 @@ first) it reaches ``point``. Unset (always, outside tests), ``reached`` is one d
 Points:
   trial-last-report  Tune handed the driver a trial's last epoch; nothing of it is recorded yet
   trial-ended        a trial's end is in the store, its MLflow run not yet ended
+  confirm-trial-ended  the same, for a confirmation run (after the search phase)
   checkpoint         Tune registered a trial's checkpoint, before saving its own state
   resumed            a resumed driver reopened the search's runs, before Tune restores anything
   model-reported     a scale recorded a model's epoch (store and MLflow)
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("trial-last-report", "trial-ended", "checkpoint", "resumed", "model-reported", "model-ended")
+POINTS = ("trial-last-report", "trial-ended", "confirm-trial-ended", "checkpoint", "resumed", "model-reported", "model-ended")
 _count: dict[str, int] = {}
 
 

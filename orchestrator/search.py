@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 import queue
 import secrets
 import threading
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator import faultpoint, scaling, space, tunestate
+from orchestrator.space import FLOPS_TOLERANCE
 from orchestrator.tracking import EPOCH_METRICS, same_value
 
 #: ASHA halves the field at each rung: with a handful of trials and epochs, 4 (Ray's default)
@@ -40,7 +43,7 @@ class SearchOptions:
     grace_epochs: int = 1
     seed: int = 0
     tolerance: float = 0.1
-    flops_tolerance: float = 0.25
+    flops_tolerance: float = FLOPS_TOLERANCE
     grid_step: float = 0.05
     paper_point: bool = True
     dataset: str = "synthetic"
@@ -54,6 +57,8 @@ class SearchOptions:
     max_failures: int = 2
     experiment: str = "compound-scaling"
     synthetic_size: tuple[int, int] | None = None
+    confirm_top: int = 3  # distinct networks trained again after the search (0: no confirmation)
+    confirm_seeds: int = 2  # fresh seeds each
     work_s: float | None = None  # benchmarks only: each trial waits this long instead of training
     extra: dict = field(default_factory=dict)
 
@@ -81,6 +86,10 @@ class TrialState:
     error: str | None = None
     started_at: object = None
     ended_at: object = None
+    activations_m: float | None = None
+    off_surface: bool = False
+    phase: str = "search"
+    seed: int | None = None
 
     @property
     def epochs_done(self) -> int:
@@ -104,7 +113,7 @@ def kept(result: dict) -> dict:
     """What of a trial's report the record keeps."""
     keep = {k: result[k] for k in ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s",
                                   "images_per_s", "gmacs", "params_m", "reused_from", "node_id",
-                                  "diverged", "earlier") if k in result}
+                                  "peak_mem_mb", "diverged", "earlier") if k in result}
     if result.get("worker_pid") is not None:  # Tune's own "pid" is the reporting process's
         keep["pid"] = result["worker_pid"]
     return keep
@@ -134,7 +143,8 @@ class Sink:
             self.trials[r.trial_id] = TrialState(
                 r.trial_id, r.alpha, r.beta, r.gamma, r.network_key, r.resolution, r.params, r.gmacs, r.flops_ratio,
                 run_id=r.mlflow_run_id, status=r.status, history={int(h["epoch"]): h for h in r.history},
-                reused_from=r.reused_from, error=r.error, started_at=r.started_at, ended_at=r.ended_at)
+                reused_from=r.reused_from, error=r.error, started_at=r.started_at, ended_at=r.ended_at,
+                activations_m=r.activations_m, off_surface=r.off_surface, phase=r.phase, seed=r.seed)
             self._preloaded.add(r.trial_id)
 
     # -- called from Tune's callback (driver thread): cheap, never blocks on I/O
@@ -155,6 +165,12 @@ class Sink:
         last moments of a killed driver: Tune and Optuna proposed afresh in their place)."""
         self._q.put(("reconcile", None, tune_trials, _now()))
 
+    def sync(self, timeout: float = 120.0) -> None:
+        """Wait until every event queued so far is in the store and MLflow."""
+        done = threading.Event()
+        self._q.put(("sync", None, done, _now()))
+        done.wait(timeout)
+
     def close(self, interrupted: bool = False) -> None:
         self._q.put(("close", None, interrupted, _now()))
         self._thread.join()
@@ -167,7 +183,7 @@ class Sink:
         while not closing:
             events = [self._q.get()]
             deadline = time.monotonic() + SINK_FLUSH_S
-            while events[-1][0] not in ("end", "close") and time.monotonic() < deadline:
+            while events[-1][0] not in ("end", "close", "sync") and time.monotonic() < deadline:
                 try:
                     events.append(self._q.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
@@ -177,6 +193,10 @@ class Sink:
             except BaseException as e:  # keep draining; report at close
                 self._errors.append(e)
                 closing = any(ev[0] == "close" for ev in events)
+            finally:
+                for kind, _, payload, _ in events:
+                    if kind == "sync":
+                        payload.set()
 
     def _cost(self, cand):
         from workers.flops import measure
@@ -206,21 +226,36 @@ class Sink:
                                        num_classes=self.opts.num_classes)
                 cost = self._cost(cand)
                 st = TrialState(tid, a, b, g, cand.key, cand.resolution, cost.params, cost.gmacs,
-                                cost.macs / self.b0_macs, started_at=at)
+                                cost.macs / self.b0_macs, started_at=at, activations_m=cost.activations / 1e6,
+                                off_surface=cand.off_surface, phase=payload.get("phase", "search"),
+                                seed=payload.get("seed", self.opts.seed))
+                tags = {"orch.kind": "trial", "orch.search_id": self.search_id, "orch.trial_id": tid,
+                        "orch.phase": st.phase}
+                if cand.off_surface:
+                    tags["orch.off_surface"] = "the paper's point, as published: not held to the FLOPs constraint"
                 st.run_id = self.tracker.start_run(
                     tid, parent_id=self.parent_run,
                     adopt={"orch.search_id": self.search_id, "orch.trial_id": tid} if self.adopt else None,
                     params={"alpha": a, "beta": b, "gamma": g, "phi": 1, "depth_mult": a, "width_mult": b,
                             "resolution": cand.resolution, "network_key": cand.key, "dataset": self.opts.dataset,
-                            "epochs": self.opts.epochs, "seed": self.opts.seed, "search_id": self.search_id},
-                    tags={"orch.kind": "trial", "orch.search_id": self.search_id, "orch.trial_id": tid},
+                            "epochs": self.opts.epochs, "seed": st.seed, "search_id": self.search_id,
+                            "phase": st.phase},
+                    tags=tags,
                 )
                 self.tracker.log(st.run_id, [("gmacs", st.gmacs, 0), ("params_m", st.params / 1e6, 0),
-                                             ("flops_ratio", st.flops_ratio, 0)])
+                                             ("flops_ratio", st.flops_ratio, 0),
+                                             ("activations_m", st.activations_m, 0)])
                 self.trials[tid] = st
                 dirty.setdefault(tid, [])
+                if float(payload.get("flops_violation") or 0) > 0:  # never trained: ends here
+                    st.status, st.ended_at = "infeasible", at
+                    st.error = (f"no width brings it within ±{self.opts.flops_tolerance:.0%} of 2x B0's FLOPs at depth "
+                                f"α={a:.3f} and {cand.resolution} px (counted {st.flops_ratio:.2f}x); not trained")
+                    ended.append(tid)
             elif kind == "result":
                 st = self.trials[tid]
+                if st.status == "infeasible" or not ({"epoch", "diverged", "earlier"} & set(payload)):
+                    continue  # not an epoch report (Tune's final result of a trial that reported nothing)
                 if payload.get("diverged"):  # ends the trial: failed with the reason, no metrics kept
                     st.error = payload["diverged"]
                     dirty.setdefault(tid, [])
@@ -234,6 +269,8 @@ class Sink:
             elif kind == "end":
                 failed, error = payload
                 st = self.trials[tid]
+                if st.status == "infeasible":  # ended when it started
+                    continue
                 if failed:
                     st.status, st.error = "failed", error
                 elif st.error:  # it diverged
@@ -245,6 +282,8 @@ class Sink:
                 ended.append(tid)
             elif kind == "reconcile":
                 ended += self._reconcile(payload, dirty, at)
+            elif kind == "sync":
+                pass  # set once this batch is written (_loop)
             elif kind == "close":
                 closing = True
                 if self.adopt:
@@ -271,6 +310,8 @@ class Sink:
         for tid in ended:
             st = self.trials[tid]
             faultpoint.reached("trial-ended")
+            if st.phase == "confirm":
+                faultpoint.reached("confirm-trial-ended")
             self.tracker.log(st.run_id, self._summary(st), tags=self._end_tags(st))
             self.tracker.end(st.run_id, st.status)
             if self.registry is not None and not st.reused_from:
@@ -363,6 +404,8 @@ class Sink:
     def _row(self, st: TrialState) -> dict:
         hist = [st.history[e] for e in sorted(st.history)]
         tops = [h["val_top1"] for h in hist if "val_top1" in h]
+        mems = [h["peak_mem_mb"] for h in hist if h.get("peak_mem_mb") is not None]
+        ips = [h["images_per_s"] for h in hist if h.get("images_per_s") is not None and not st.reused_from]
         return {
             "alpha": st.alpha, "beta": st.beta, "gamma": st.gamma, "network_key": st.key,
             "resolution": st.resolution, "params": st.params, "gmacs": st.gmacs, "flops_ratio": st.flops_ratio,
@@ -370,7 +413,10 @@ class Sink:
             "best_val_top1": max(tops) if tops else None, "train_loss": st.last("train_loss"),
             "train_s": 0.0 if st.reused_from else sum(h.get("train_s", 0.0) for h in hist),
             "history": hist, "reused_from": st.reused_from, "mlflow_run_id": st.run_id, "error": st.error,
-            "started_at": st.started_at, "ended_at": st.ended_at,
+            "started_at": st.started_at, "ended_at": st.ended_at, "activations_m": st.activations_m,
+            "peak_mem_mb": max(mems) if mems else None,
+            "images_per_s": sum(ips) / len(ips) if ips else None, "off_surface": st.off_surface,
+            "phase": st.phase, "seed": st.seed,
         }
 
 
@@ -389,11 +435,65 @@ def explain_failure(error: str | None, trials, storage_path) -> str:
     return "no trial finished"
 
 
-def pick_winner(trials, *, target: float = scaling.TARGET_FLOPS_FACTOR, flops_tolerance: float = 0.25):
+def confirm_seeds(opts: SearchOptions) -> list[int]:
+    """Fresh seeds for the confirmation runs: none of them is the search's own."""
+    return [opts.seed + 1000 * (i + 1) for i in range(opts.confirm_seeds)]
+
+
+def confirm_candidates(trials, opts: SearchOptions) -> list[dict]:
+    """The top ``confirm_top`` distinct networks of the search phase, from the pool the winner
+    rule draws on (trials that ran every epoch, within the FLOPs tolerance), best first."""
+    done = [t for t in trials if t.phase == "search" and t.status in ("finished", "stopped")
+            and t.val_top1 is not None and not t.reused_from]
+    full = [t for t in done if t.status == "finished"] or done
+    ok = [t for t in full if abs(t.flops_ratio - scaling.TARGET_FLOPS_FACTOR) <= opts.flops_tolerance * 2] or full
+    best: dict[str, object] = {}
+    for t in sorted(ok, key=lambda t: (-t.val_top1, t.flops_ratio, t.trial_id)):
+        best.setdefault(t.network_key, t)
+    return [{"trial_id": t.trial_id, "network_key": t.network_key, "alpha": t.alpha, "beta": t.beta,
+             "gamma": t.gamma, "search_val_top1": t.val_top1} for t in list(best.values())[:opts.confirm_top]]
+
+
+def confirmation(trials, picked: list[dict]) -> dict:
+    """Each confirmed network's final val top-1 over its fresh seeds (mean, sample std), best
+    mean first, and whether the best is ahead of the second by more than the noise: the margin
+    against twice the standard error of the difference of the two means (about 95%)."""
+    import statistics
+
+    rows = []
+    for c in picked:
+        runs = sorted((t for t in trials if t.phase == "confirm" and t.network_key == c["network_key"]
+                       and t.status == "finished" and t.val_top1 is not None), key=lambda t: t.seed or 0)
+        values = [t.val_top1 for t in runs]
+        rows.append(c | {"seeds": [t.seed for t in runs], "values": values,
+                         "mean": statistics.fmean(values) if values else None,
+                         "std": statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)})
+    rows.sort(key=lambda r: (r["mean"] is None, -(r["mean"] or 0.0), -r["search_val_top1"]))
+    done = [r for r in rows if r["mean"] is not None]
+    out = {"candidates": rows, "winner": done[0]["trial_id"] if done else None, "margin": None, "noise": None,
+           "ahead": None}
+    if len(done) >= 2:
+        a, b = done[0], done[1]
+        out["margin"] = a["mean"] - b["mean"]
+        if len(a["values"]) > 1 and len(b["values"]) > 1:
+            out["noise"] = 2 * math.sqrt(a["std"] ** 2 / len(a["values"]) + b["std"] ** 2 / len(b["values"]))
+            out["ahead"] = out["margin"] > out["noise"]
+    if out["ahead"] is None:
+        out["verdict"] = "no noise estimate (fewer than 2 seeds or 2 networks)"
+    else:
+        out["verdict"] = (f"ahead of the second by {out['margin']:.4f}, more than the noise ({out['noise']:.4f})"
+                          if out["ahead"] else
+                          f"ahead of the second by {out['margin']:.4f}, within the noise ({out['noise']:.4f}): "
+                          f"a tie at this budget")
+    return out
+
+
+def pick_winner(trials, *, target: float = scaling.TARGET_FLOPS_FACTOR, flops_tolerance: float = FLOPS_TOLERANCE):
     """The best val top-1 among trials that ran every epoch and whose *measured* FLOPs ratio to
     B0 is within ``flops_tolerance`` (relative) of the target; stopped trials only if none
     finished. Returns (trial, within_tolerance) or (None, False)."""
-    done = [t for t in trials if t.status in ("finished", "stopped") and t.val_top1 is not None]
+    done = [t for t in trials if t.status in ("finished", "stopped") and t.val_top1 is not None
+            and getattr(t, "phase", "search") == "search"]
     if not done:
         return None, False
     full = [t for t in done if t.status == "finished"] or done
@@ -404,8 +504,9 @@ def pick_winner(trials, *, target: float = scaling.TARGET_FLOPS_FACTOR, flops_to
 
 
 def trials_csv(trials) -> str:
-    cols = ["trial_id", "alpha", "beta", "gamma", "resolution", "network_key", "params", "gmacs", "flops_ratio",
-            "status", "epochs_done", "val_top1", "best_val_top1", "train_loss", "train_s", "reused_from", "error"]
+    cols = ["trial_id", "phase", "seed", "alpha", "beta", "gamma", "resolution", "network_key", "params", "gmacs",
+            "flops_ratio", "activations_m", "images_per_s", "peak_mem_mb", "off_surface", "status", "epochs_done",
+            "val_top1", "best_val_top1", "train_loss", "train_s", "reused_from", "error"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
@@ -549,23 +650,26 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     }
 
     if opts.space == "grid":
-        cands, n_points = space.grid_candidates(opts.grid_step, opts.tolerance, base_resolution=opts.base_resolution,
-                                                num_classes=opts.num_classes, paper_first=opts.paper_point)
+        cands, n_points, n_infeasible = space.grid_candidates(
+            opts.grid_step, opts.tolerance, base_resolution=opts.base_resolution, num_classes=opts.num_classes,
+            paper_first=opts.paper_point, flops_tolerance=opts.flops_tolerance)
         if opts.trials:
             cands = cands[:opts.trials]
         param_space = {"point": tune.grid_search([{"alpha": c.alpha, "beta": c.beta, "gamma": c.gamma} for c in cands])}
         search_alg, num_samples = None, 1
-        config["grid_points"], config["grid_networks"] = n_points, len(cands)
+        config["grid_points"], config["grid_networks"], config["grid_infeasible"] = n_points, len(cands), n_infeasible
         store.update_search(search_id, config=config)
     else:
-        fn = space.DefineByRun(opts.space, opts.tolerance)
+        fn = space.DefineByRun(opts.space, opts.tolerance, base_resolution=opts.base_resolution,
+                               num_classes=opts.num_classes, flops_tolerance=opts.flops_tolerance)
         storage = optuna.storages.InMemoryStorage()
         study_name = f"orch-{search_id}"
         study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")
         if opts.paper_point:
             study.enqueue_trial(fn.paper_params(), user_attrs={space.PAPER_ATTR: True})
         searcher = OptunaSearch(space=fn, metric="val_top1", mode="max", storage=storage, study_name=study_name,
-                                sampler=optuna.samplers.TPESampler(seed=opts.seed))
+                                sampler=optuna.samplers.TPESampler(seed=opts.seed,
+                                                                   constraints_func=space.flops_constraint))
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
         param_space, num_samples = None, opts.trials or 16
 
@@ -574,40 +678,58 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
 
     resources = {"cpu": cpt, "gpu": gpt}
     t0 = time.monotonic()
-    interrupted, error = False, None
     trainable = tune.with_resources(tune.with_parameters(trial_fn, settings=settings), resources)
-    try:
-        if restore:
+
+    def experiment(name: str, restore_from: str | None, **tune_config):
+        """Build one Tune experiment of this search, or restore it (``restore_from``)."""
+        if restore_from:
             # The driver state from orch's copy (Tune's own may be torn by a kill during its
             # upload), then Tune restores the trials, their checkpoints, the searcher (the Optuna
             # study, which continues) and ASHA; errored trials stay failed (retries used up).
-            tunestate.put_back(experiment_path)
-            tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
-                                            reuse_actors=True, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(
-                    name=search_id, storage_path=str(storage_path), verbose=0,
-                    callbacks=[_callback_class()(search_id)],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-                ),
-            )
-        with _SigintWatch() as sigint:
-            grid = tuner.fit()
-        interrupted = sigint.fired or _unfinished(grid)
-    except KeyboardInterrupt:
-        interrupted = True
-    except Exception as e:  # the search itself failed: record it, then raise SearchFailed
-        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            tunestate.put_back(restore_from)
+            return tune.Tuner.restore(restore_from, trainable, resume_unfinished=True)
+        return tune.Tuner(
+            trainable, param_space=tune_config.pop("param_space", None),
+            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=concurrency, **tune_config),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage_path), verbose=0,
+                callbacks=[_callback_class()(search_id)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+            ),
+        )
+
+    phase = config.get("phase", "search")
+    confirm_path = _join(str(storage_path), f"{search_id}-confirm")
+    interrupted, error = False, None
+    if phase == "search":
+        interrupted, error = _fit(lambda: experiment(
+            search_id, experiment_path if restore else None, param_space=param_space, search_alg=search_alg,
+            scheduler=scheduler, num_samples=num_samples))
+    if not (interrupted or error) and opts.confirm_top > 0 and opts.confirm_seeds > 0:
+        # The top networks again, at the full budget with fresh seeds: the winner is the best mean.
+        sink.sync()
+        picked = config.get("confirm") or confirm_candidates(store.trials(search_id), opts)
+        if picked:
+            if phase != "confirm":
+                config |= {"phase": "confirm", "confirm": picked}
+                store.update_search(search_id, config=config)
+            seeds = confirm_seeds(opts)
+            again = resume is not None and (tunestate.exists(confirm_path) or tune.Tuner.can_restore(confirm_path))
+            interrupted, error = _fit(lambda: experiment(
+                f"{search_id}-confirm", confirm_path if again else None, param_space={
+                    "point": tune.grid_search([{k: c[k] for k in ("alpha", "beta", "gamma")} for c in picked]),
+                    "seed": tune.grid_search(seeds), "phase": "confirm"}))
     wall = time.monotonic() - t0
     try:
-        if restore and not error:
+        if resume is not None and not error:
             try:
-                sink.reconcile(_tune_trials(experiment_path))
+                known = _tune_trials(experiment_path) if restore or phase == "confirm" else []
+                if config.get("phase") == "confirm" and (tunestate.exists(confirm_path)
+                                                        or tune.Tuner.can_restore(confirm_path)):
+                    known += _tune_trials(confirm_path)
+                if restore or phase == "confirm":
+                    sink.reconcile(known)
             except Exception as e:  # noqa: BLE001 - the rows keep what the sink saw; say why
                 error = f"reading Tune's record of {experiment_path} failed: {e}"
         sink.close(interrupted=interrupted)
@@ -620,6 +742,9 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
 
     trials = store.trials(search_id)
     best, within = pick_winner(trials, flops_tolerance=opts.flops_tolerance)
+    confirmed = confirmation(trials, config.get("confirm") or []) if config.get("phase") == "confirm" else None
+    if confirmed and confirmed["winner"] and not interrupted:
+        best = next(t for t in trials if t.trial_id == confirmed["winner"])
     train_s = sum(t.train_s or 0.0 for t in trials)
     summary = {
         "wall_s": round(wall, 3),
@@ -634,11 +759,16 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
         "by_status": {s: sum(1 for t in trials if t.status == s) for s in sorted({t.status for t in trials})},
         "winner_within_tolerance": within,
         "b0_gmacs": b0.gmacs,
+        "confirmation": confirmed,
     }
     if best is not None:
         summary["best"] = {"trial_id": best.trial_id, "alpha": best.alpha, "beta": best.beta, "gamma": best.gamma,
                            "val_top1": best.val_top1, "flops_ratio": best.flops_ratio,
-                           "resolution": best.resolution, "network_key": best.network_key}
+                           "resolution": best.resolution, "network_key": best.network_key,
+                           "activations_m": best.activations_m, "images_per_s": best.images_per_s}
+        if confirmed and confirmed["winner"] == best.trial_id:
+            top = confirmed["candidates"][0]
+            summary["best"] |= {"confirm_mean": top["mean"], "confirm_std": top["std"], "confirm_seeds": top["seeds"]}
     status = "failed" if error else "interrupted" if interrupted else ("finished" if best else "failed")
     if status == "failed":
         error = explain_failure(error, trials, storage_path)
@@ -652,6 +782,13 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
                 + ([("efficiency", summary["efficiency"], 0)] if summary["efficiency"] is not None else []),
                 tags={"orch.status": status})
     tracker.log_text(parent, trials_csv(trials), "trials.csv")
+    if confirmed:
+        top = confirmed["candidates"][0]
+        tracker.log(parent, [(k, v, 0) for k, v in (("confirm_best_mean", top["mean"]), ("confirm_best_std", top["std"]),
+                                                    ("confirm_margin", confirmed["margin"]),
+                                                    ("confirm_noise", confirmed["noise"])) if v is not None],
+                    tags={"orch.confirmation": confirmed["verdict"]})
+        tracker.log_text(parent, json.dumps(confirmed, indent=2), "confirmation.json")
     tracker.end(parent, status)
     if error and not interrupted:
         from orchestrator.errors import SearchFailed
@@ -795,6 +932,23 @@ def _reported(trial) -> dict:
     if "epoch" in last:
         epochs[int(last["epoch"])] = epochs.get(int(last["epoch"]), {}) | last
     return {"history": [epochs[e] for e in sorted(epochs)], "reused_from": None}
+
+
+def _fit(build) -> tuple[bool, str | None]:
+    """Fit the Tune experiment ``build()`` makes: (interrupted, error line)."""
+    try:
+        tuner = build()
+        with _SigintWatch() as sigint:
+            grid = tuner.fit()
+        return sigint.fired or _unfinished(grid), None
+    except KeyboardInterrupt:
+        return True, None
+    except Exception as e:  # the search itself failed: recorded, then SearchFailed
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _join(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name if "://" in root else str(Path(root) / name)
 
 
 def _unfinished(grid) -> bool:

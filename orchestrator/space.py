@@ -1,23 +1,43 @@
-"""The φ=1 search space on (or near) the constraint surface α·β²·γ² = 2, and candidates.
+"""The φ=1 search space: candidates whose *measured* FLOPs are twice B0's, and Optuna's view of it.
+
+The formula α·β²·γ² = 2 is not what a network costs once it is built: repeats round up,
+channels round to multiples of 8, and at small resolutions the input side is a staircase (a
+33 px input gives the last stages 2x2 feature maps instead of 1x1: 4.35x B0 where 32 px gives
+1.74x, for the paper's point at base 32). So every candidate is built, its multiply-adds are
+counted on the network as built (``workers.cost.count``, equal to the meta-device measurement),
+and the constraint holds on that count: within ``tolerance`` (relative, default 5%) of 2x B0.
+
+Width is the free coordinate that is solved. Depth (α) and resolution (γ) are sampled or read
+off the grid; the input side is ``base·γ`` rounded to a whole pixel (an 8 px step is a 25%
+step at 32 px); then the width multiplier is solved by bisection on the counted FLOPs, since
+channels round in steps of 8 over dozens of layers and move FLOPs in small steps. A candidate
+whose counted FLOPs cannot come within the tolerance (already above it at width 1, or a step
+jumps over the band) is *infeasible*: it is never trained, and Optuna is told so through a
+constraint (``flops_constraint``), so TPE learns where they lie.
 
 Three spaces:
 
-- ``surface`` (default): Optuna samples α ∈ [1, ALPHA_MAX] and ``beta_share`` ∈ [0, 1], which
-  places β between 1 and the largest β that still leaves γ ≥ 1; γ is derived so that
-  α·β²·γ² = 2 exactly. Every proposal is feasible; none has γ < 1.
-- ``band``: all three are sampled (α, then β and γ as shares of what is still feasible), so
-  that |α·β²·γ² − 2| ≤ tolerance holds for every proposal by construction.
+- ``surface`` (default): Optuna samples α ∈ [1, ALPHA_MAX] and ``gamma_share`` ∈ [0, 1], which
+  places γ between 1 and the largest γ at which depth α still fits the budget at width 1
+  (counted: ``max_resolution``); β is solved. Never γ < 1. At a base that is a multiple of 32
+  the next whole pixel adds a row of output to every stage (33 px: 2x2 last maps instead of
+  1x1), so resolution often cannot grow at all within 2x: γ is then 1, as counted.
+- ``band``: all three are sampled so that |α·β²·γ² − 2| ≤ ``band`` (the formula); a candidate
+  whose counted FLOPs are within the tolerance trains as sampled, any other gets its width solved.
 - ``grid``: the paper's small grid search: every (α, β, γ) on a ``step`` grid with each ≥ 1
-  and |α·β²·γ² − 2| ≤ tolerance, one trial per distinct *network* (see ``network_key``).
+  and the formula within ``band``, solved like ``band``, one trial per distinct *network*
+  (see ``network_key``); infeasible points are counted and left out.
 
-The define-by-run function is a small picklable object in this module: Ray's OptunaSearch
-saves the searcher with it, and a resumed search must be able to import it.
+The paper's point (1.2, 1.1, 1.15) is evaluated as published, at whatever it costs, and is
+marked off the surface. The define-by-run function is a small picklable object in this
+module: Ray's OptunaSearch saves the searcher with it, and a resumed search must import it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 from orchestrator import scaling
 
@@ -25,18 +45,28 @@ SPACES = ("surface", "band", "grid")
 #: The largest α sampled: all of the doubling spent on depth.
 ALPHA_MAX = 2.0
 TARGET = scaling.TARGET_FLOPS_FACTOR
+#: Default relative tolerance on the counted FLOPs ratio (2x ± 5%: 1.9x..2.1x). Width steps
+#: move FLOPs by up to ~13% at the small bases the proxy task uses, so ±5% is the tightest band
+#: most (α, γ) reach; 10% of a 2x budget would let one candidate be 22% bigger than another.
+FLOPS_TOLERANCE = 0.05
 #: user_attrs marker of the enqueued paper point in the Optuna study.
 PAPER_ATTR = "orch_paper_point"
+#: user_attrs key of a proposal's constraint violation (> 0: infeasible), for TPE.
+VIOLATION_ATTR = "orch_flops_violation"
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One (α, β, γ) as it will be trained: the resolved spec and its network key."""
+    """One (α, β, γ) as it will be trained: the resolved spec, its network key and its counted
+    FLOPs ratio to B0. ``violation`` > 0: no width brings it within the tolerance (infeasible)."""
 
     alpha: float
     beta: float
     gamma: float
     spec: dict
+    ratio: float = 0.0
+    violation: float = 0.0
+    proposed: tuple = field(default=(), compare=False)  # (α, β, γ) as sampled, before solving
 
     @property
     def key(self) -> str:
@@ -46,12 +76,104 @@ class Candidate:
     def resolution(self) -> int:
         return self.spec["resolution"]
 
+    @property
+    def feasible(self) -> bool:
+        return self.violation <= 0
+
+    @property
+    def off_surface(self) -> bool:
+        return (self.alpha, self.beta, self.gamma) == scaling.PAPER_POINT
+
+
+def resolution_for(base_resolution: int, gamma: float) -> int:
+    """The input side for γ: base·γ to the nearest whole pixel, never below the base."""
+    return max(int(base_resolution), int(round(base_resolution * gamma)))
+
+
+@lru_cache(maxsize=64)
+def _b0_macs(base_resolution: int, num_classes: int) -> int:
+    from workers.cost import count
+
+    return count(scaling.network_spec(1.0, 1.0, base_resolution, num_classes=num_classes)).macs
+
+
+@lru_cache(maxsize=200_000)
+def _ratio(alpha: float, beta: float, resolution: int, base_resolution: int, num_classes: int) -> float:
+    from workers.cost import count
+
+    spec = scaling.network_spec(alpha, beta, resolution, num_classes=num_classes)
+    return count(spec).macs / _b0_macs(base_resolution, num_classes)
+
+
+def _build(alpha: float, beta: float, resolution: int, base_resolution: int, num_classes: int, **kw) -> Candidate:
+    spec = scaling.network_spec(alpha, beta, resolution, num_classes=num_classes,
+                                dropout=scaling.compound_dropout(1.0))
+    return Candidate(alpha, beta, resolution / base_resolution, spec,
+                     _ratio(alpha, beta, resolution, base_resolution, num_classes), **kw)
+
 
 def candidate(alpha: float, beta: float, gamma: float, *, base_resolution: int, num_classes: int) -> Candidate:
-    """B0 scaled once (φ = 1) by (α, β, γ) at the task's base resolution."""
-    res = base_resolution if gamma == 1.0 else scaling.round_resolution(base_resolution * gamma)
+    """B0 scaled once (φ = 1) by (α, β, γ) at the task's base resolution, as given (no solving):
+    what a trial trains from its config, and the paper's point."""
+    res = resolution_for(base_resolution, gamma)
     spec = scaling.network_spec(alpha, beta, res, num_classes=num_classes, dropout=scaling.compound_dropout(1.0))
-    return Candidate(alpha, beta, gamma, spec)
+    return Candidate(alpha, beta, gamma, spec, _ratio(alpha, beta, res, base_resolution, num_classes))
+
+
+def solve(alpha: float, beta: float | None, gamma: float, *, base_resolution: int, num_classes: int,
+          tolerance: float = FLOPS_TOLERANCE) -> Candidate:
+    """The candidate for a proposal: as proposed if its counted FLOPs ratio is within
+    ``tolerance`` of 2 (``beta`` None: always solve), else depth and resolution kept and the
+    width solved; ``violation`` > 0 if no width ≥ 1 gets within (see the module docstring)."""
+    res = resolution_for(base_resolution, gamma)
+    lo_ok, hi_ok = TARGET * (1 - tolerance), TARGET * (1 + tolerance)
+    proposed = (alpha, beta, gamma)
+    if beta is not None:
+        as_is = _build(alpha, beta, res, base_resolution, num_classes, proposed=proposed)
+        if lo_ok <= as_is.ratio <= hi_ok:
+            return as_is
+
+    def ratio(w: float) -> float:
+        return _ratio(alpha, w, res, base_resolution, num_classes)
+
+    if ratio(1.0) >= TARGET:  # width cannot go below 1: the smallest width is the answer
+        best = 1.0
+    elif ratio(scaling.COEFF_MAX) < TARGET:
+        best = scaling.COEFF_MAX
+    else:  # bisection for the step where the ratio crosses 2; then the closer side of it
+        lo, hi = 1.0, scaling.COEFF_MAX
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if ratio(mid) >= TARGET:
+                hi = mid
+            else:
+                lo = mid
+        best = min((lo, hi), key=lambda w: abs(ratio(w) - TARGET))
+    c = _build(alpha, best, res, base_resolution, num_classes, proposed=proposed)
+    violation = max(0.0, abs(c.ratio / TARGET - 1.0) - tolerance)
+    return Candidate(c.alpha, c.beta, c.gamma, c.spec, c.ratio, violation, proposed)
+
+
+def flops_constraint(trial) -> tuple[float]:
+    """Optuna's constraints_func (TPESampler): > 0 for a proposal whose counted FLOPs no width
+    brings within the tolerance. Module level: the sampler is pickled with the searcher."""
+    return (float(trial.user_attrs.get(VIOLATION_ATTR, 0.0)),)
+
+
+def _gamma_max(alpha: float) -> float:
+    return max(1.0, math.sqrt(TARGET / alpha))
+
+
+@lru_cache(maxsize=4096)
+def max_resolution(alpha: float, base_resolution: int, num_classes: int, tolerance: float = FLOPS_TOLERANCE) -> int:
+    """The largest input side at which depth α still fits the budget at width 1 (counted FLOPs
+    at most 2·(1 + tolerance) x B0); the base itself if none above it does. Counted FLOPs never
+    fall as the side grows, so this bounds γ: beyond it every width is infeasible."""
+    hi = TARGET * (1 + tolerance)
+    res = base_resolution
+    while res < 4 * base_resolution and _ratio(alpha, 1.0, res + 1, base_resolution, num_classes) <= hi:
+        res += 1
+    return res
 
 
 def _beta_max(alpha: float, budget: float) -> float:
@@ -59,42 +181,57 @@ def _beta_max(alpha: float, budget: float) -> float:
 
 
 class DefineByRun:
-    """Optuna define-by-run space: suggests the sampled coordinates, returns the derived ones
-    as constants (Ray merges them into the trial config)."""
+    """Optuna define-by-run space: suggests the sampled coordinates, solves the candidate, and
+    returns (α, β, γ) and the violation as constants (Ray merges them into the trial config)."""
 
-    def __init__(self, kind: str, tolerance: float = 0.1):
+    def __init__(self, kind: str, tolerance: float = 0.1, *, base_resolution: int = 32, num_classes: int = 10,
+                 flops_tolerance: float = FLOPS_TOLERANCE):
         if kind not in ("surface", "band"):
             raise ValueError(f"no define-by-run space {kind!r}; use 'surface' or 'band'")
         self.kind = kind
-        self.tolerance = tolerance
+        self.tolerance = tolerance  # the formula's band (space "band")
+        self.base_resolution, self.num_classes, self.flops_tolerance = base_resolution, num_classes, flops_tolerance
+
+    def __setstate__(self, state):  # searchers saved before these existed
+        self.__dict__.update({"base_resolution": 32, "num_classes": 10, "flops_tolerance": FLOPS_TOLERANCE} | state)
 
     def __call__(self, trial) -> dict:
         alpha = trial.suggest_float("alpha", 1.0, ALPHA_MAX)
-        beta_share = trial.suggest_float("beta_share", 0.0, 1.0)
+        # γ's range: up to the side where width 1 already spends the budget (counted, not the
+        # formula's sqrt(2/α): rounding makes most of that range infeasible)
+        g_max = max_resolution(alpha, self.base_resolution, self.num_classes, self.flops_tolerance) / self.base_resolution
         if self.kind == "surface":
-            beta = 1.0 + beta_share * (_beta_max(alpha, TARGET) - 1.0)
-            gamma = max(1.0, math.sqrt(TARGET / (alpha * beta * beta)))
+            gamma_share = trial.suggest_float("gamma_share", 0.0, 1.0)
+            beta, gamma = None, 1.0 + gamma_share * (g_max - 1.0)
         else:
             hi = TARGET + self.tolerance
+            beta_share = trial.suggest_float("beta_share", 0.0, 1.0)
             beta = 1.0 + beta_share * (_beta_max(alpha, hi) - 1.0)
             gamma_share = trial.suggest_float("gamma_share", 0.0, 1.0)
             g_lo = math.sqrt(max(1.0, (TARGET - self.tolerance) / (alpha * beta * beta)))
             g_hi = max(g_lo, math.sqrt(hi / (alpha * beta * beta)))
-            gamma = g_lo + gamma_share * (g_hi - g_lo)
+            gamma = min(g_max, g_lo + gamma_share * (g_hi - g_lo))
         if trial.user_attrs.get(PAPER_ATTR):
-            # The enqueued paper point is evaluated as published, off the surface (1.92).
+            # The enqueued paper point is evaluated as published, off the surface.
             alpha, beta, gamma = scaling.PAPER_POINT
-        return {"beta": beta, "gamma": gamma, "alpha": alpha}
+            c = candidate(alpha, beta, gamma, base_resolution=self.base_resolution, num_classes=self.num_classes)
+        else:
+            c = solve(alpha, beta, gamma, base_resolution=self.base_resolution, num_classes=self.num_classes,
+                      tolerance=self.flops_tolerance)
+        trial.set_user_attr(VIOLATION_ATTR, c.violation)
+        return {"beta": c.beta, "gamma": c.gamma, "alpha": c.alpha, "flops_violation": c.violation}
 
     def paper_params(self) -> dict:
         """Optuna params that put the enqueued paper trial where the paper point projects."""
         a, b, g = scaling.PAPER_POINT
-        budget = TARGET if self.kind == "surface" else TARGET + self.tolerance
+        if self.kind == "surface":
+            g_max = max_resolution(a, self.base_resolution, self.num_classes, self.flops_tolerance) / self.base_resolution
+            return {"alpha": a, "gamma_share": min(1.0, (g - 1.0) / (g_max - 1.0)) if g_max > 1 else 0.0}
+        budget = TARGET + self.tolerance
         params = {"alpha": a, "beta_share": (b - 1.0) / (_beta_max(a, budget) - 1.0)}
-        if self.kind == "band":
-            g_lo = math.sqrt(max(1.0, (TARGET - self.tolerance) / (a * b * b)))
-            g_hi = math.sqrt((TARGET + self.tolerance) / (a * b * b))
-            params["gamma_share"] = min(1.0, max(0.0, (g - g_lo) / (g_hi - g_lo))) if g_hi > g_lo else 0.0
+        g_lo = math.sqrt(max(1.0, (TARGET - self.tolerance) / (a * b * b)))
+        g_hi = math.sqrt((TARGET + self.tolerance) / (a * b * b))
+        params["gamma_share"] = min(1.0, max(0.0, (g - g_lo) / (g_hi - g_lo))) if g_hi > g_lo else 0.0
         return params
 
 
@@ -119,14 +256,21 @@ def grid_points(step: float = 0.05, tolerance: float = 0.1) -> list[tuple[float,
 
 
 def grid_candidates(step: float, tolerance: float, *, base_resolution: int, num_classes: int,
-                    paper_first: bool = True) -> tuple[list[Candidate], int]:
-    """One candidate per distinct network on the grid (the first point that builds it), and
-    the number of feasible points. The paper point leads when asked."""
+                    paper_first: bool = True, flops_tolerance: float = FLOPS_TOLERANCE
+                    ) -> tuple[list[Candidate], int, int]:
+    """One candidate per distinct network on the grid (each point solved, the first point that
+    builds a network keeps it), the number of grid points, and how many of them no width brings
+    within ``flops_tolerance`` (left out). The paper point leads when asked, as published."""
     pts = grid_points(step, tolerance)
-    if paper_first:
-        pts = [scaling.PAPER_POINT] + pts
     seen: dict[str, Candidate] = {}
+    if paper_first:
+        c = candidate(*scaling.PAPER_POINT, base_resolution=base_resolution, num_classes=num_classes)
+        seen[c.key] = c
+    infeasible = 0
     for a, b, g in pts:
-        c = candidate(a, b, g, base_resolution=base_resolution, num_classes=num_classes)
+        c = solve(a, b, g, base_resolution=base_resolution, num_classes=num_classes, tolerance=flops_tolerance)
+        if not c.feasible:
+            infeasible += 1
+            continue
         seen.setdefault(c.key, c)
-    return list(seen.values()), len(pts)
+    return list(seen.values()), len(pts), infeasible

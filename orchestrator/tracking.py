@@ -17,9 +17,10 @@ from urllib.parse import urlparse
 #: How long an unreachable tracking server may keep `orch` waiting before it gives up.
 CONNECT_TIMEOUT_S = 10.0
 #: The per-epoch metrics of every trial's and model's run (the store keeps them in each row's history).
-EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s")
+EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s", "peak_mem_mb")
 #: An ended unit's store status -> its MLflow run status.
-STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED", "killed": "KILLED"}
+STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED", "killed": "KILLED",
+          "infeasible": "KILLED"}
 
 
 class TrackingError(Exception):

@@ -82,6 +82,10 @@ def trial_fn(config: dict, settings: dict) -> None:
     training settings; ``config`` holds the coefficients."""
     from workers import train
 
+    if float(config.get("flops_violation") or 0) > 0:
+        # Infeasible (no width brings its measured FLOPs within the tolerance): never trained.
+        # Ending without a report tells Optuna so (a pruned trial whose constraint it records).
+        return
     pin_threads()
     alpha, beta, gamma = coefficients(config)
     cand = space.candidate(alpha, beta, gamma, base_resolution=settings["base_resolution"],
@@ -99,7 +103,7 @@ def trial_fn(config: dict, settings: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = train.load_checkpoint(d)
-    elif settings.get("dedupe", True):
+    elif settings.get("dedupe", True) and config.get("phase") != "confirm":  # confirmation: a fresh seed, trained
         registry = ray.get_actor(registry_name(settings["search_id"]))
         owner = ray.get(registry.claim.remote(cand.key, trial_id))
         while owner is not None:
@@ -126,6 +130,8 @@ def trial_fn(config: dict, settings: dict) -> None:
         earlier.clear()
 
     cfg = dict(settings["train"], spec=cand.spec)
+    if config.get("seed") is not None:  # a confirmation run: fresh initialisation and batch order, same data
+        cfg["seed"] = int(config["seed"])
     try:
         train.run(cfg, report, state=state)
         if earlier:  # the checkpoint was already at the last epoch: nothing was reported

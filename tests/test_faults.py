@@ -227,7 +227,7 @@ def test_diverging_trial_fails_with_the_reason_and_is_not_retried(ray_session, h
     from orchestrator.tracking import Tracker
 
     # --lr stops at 10 on the command line; 1e6 makes every trial's loss NaN in its first epoch
-    opts = SearchOptions(name="diverge", trials=2, epochs=2, grace_epochs=2, lr=1e6, gpus=0, batch_size=32,
+    opts = SearchOptions(name="diverge", trials=2, epochs=2, grace_epochs=2, lr=1e6, gpus=0, batch_size=32, confirm_top=0,
                          synthetic_size=(128, 64), max_failures=2)
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", opts.experiment, home / "mlartifacts")
@@ -441,7 +441,8 @@ def test_resume_before_tune_saved_anything_starts_afresh_under_the_same_id(ray_s
     # what a driver killed before Tune's first save leaves behind: the search's row, its MLflow run
     # (made after the row; the driver died before recording its id), a trial's row and run, and a
     # trial's run with no row (the driver died between creating the run and writing the row)
-    opts = SearchOptions(name="early", trials=1, epochs=1, gpus=0, batch_size=32, synthetic_size=(128, 64))
+    opts = SearchOptions(name="early", trials=1, epochs=1, gpus=0, batch_size=32, synthetic_size=(128, 64),
+                         confirm_top=0)
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", opts.experiment, home / "mlartifacts")
     store.create_search("search-early", "early", opts.as_config() | {"storage_path": str(home / "ray")})
@@ -512,4 +513,39 @@ def test_resume_ends_the_runs_of_trials_tune_ended_while_no_driver_listened(ray_
         assert run.info.status == "FINISHED" and run.data.tags["orch.status"] == "finished"
         steps = sorted(m.step for m in client.get_metric_history(t.mlflow_run_id, "val_top1"))
         assert steps == [1, 2]  # nothing logged twice
+    store.close()
+
+
+def test_a_search_killed_during_its_confirmation_resumes_it(tmp_path):
+    """The confirmation runs are trials of the same search: a driver killed as one of them ends
+    (its end recorded, its run not yet ended) resumes the confirmation, not the search."""
+    home = tmp_path / "home"
+    env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true",
+               ORCH_KILL_AT="confirm-trial-ended:1")
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "search1"
+    p = spawn(["search", *TINY, "--gpus", "0", "--trials", "3", "--epochs", "1", "--no-paper-point", "--confirm-top", "2",
+               "--confirm-seeds", "2", "--json"], env, log)
+    p.wait(timeout=400)
+    assert p.returncode == -signal.SIGKILL, Path(f"{log}.err").read_text()[-3000:]
+    sigkill(p)  # reap what it left
+    store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+    (search,) = store.list_searches()
+    assert search.config["phase"] == "confirm" and len(search.config["confirm"]) == 2
+    before = [t for t in store.trials(search.id) if t.phase == "search"]
+
+    env.pop("ORCH_KILL_AT")
+    log = tmp_path / "search2"
+    out = finish(spawn(["search", "--resume", search.id, "--json"], env, log), log)
+    assert out["status"] == "finished"
+    trials = store.trials(search.id)
+    assert [t for t in trials if t.phase == "search"] == before  # the search phase was not run again
+    confirm = [t for t in trials if t.phase == "confirm"]
+    assert len(confirm) == 4 and all(t.status == "finished" for t in confirm)
+    assert sorted((t.network_key, t.seed) for t in confirm) == sorted(
+        (c["network_key"], s) for c in search.config["confirm"] for s in (1000, 2000))
+    conf = out["summary"]["confirmation"]
+    assert [len(c["seeds"]) for c in conf["candidates"]] == [2, 2] and out["best"]["trial_id"] == conf["winner"]
+    tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "compound-scaling")
+    assert disagreements(store, tracker, search_id=search.id) == []
     store.close()

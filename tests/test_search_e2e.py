@@ -72,20 +72,22 @@ def test_search_store_and_mlflow_agree(ray_session, home):
 
 
 def test_same_network_is_trained_once_and_reused(ray_session, home):
-    # With seed 2 TPE's (random) start-up proposals 2 and 6 round to the same network at base 32.
+    # At base 32 resolution cannot grow within 2x (γ = 1) and depth rounds up in steps, so with
+    # seed 2 TPE's start-up proposals build some networks twice.
     out = _search(["--gpus", "0", "--trials", "7", "--epochs", "1", "--seed", "2"], home)
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     trials = store.trials(out["search_id"])
     reused = [t for t in trials if t.reused_from]
-    assert len(reused) == 1
-    original = next(t for t in trials if t.trial_id == reused[0].reused_from)
-    assert original.network_key == reused[0].network_key
-    # the same reports, the process it was trained in included (Tune stamps each result with the
-    # reporting process's pid; the replay runs in either of two reused processes)
-    assert reused[0].history == original.history and reused[0].train_s == 0.0
-    assert out["summary"]["n_networks"] == len(trials) - 1
+    assert reused
     client = _mlflow(home)
-    assert client.get_run(reused[0].mlflow_run_id).data.tags["orch.reused_from"] == original.trial_id
+    for r in reused:
+        original = next(t for t in trials if t.trial_id == r.reused_from)
+        assert original.network_key == r.network_key and not original.reused_from
+        # the same reports, the process it was trained in included (Tune stamps each result with
+        # the reporting process's pid; the replay runs in either of two reused processes)
+        assert r.history == original.history and r.train_s == 0.0
+        assert client.get_run(r.mlflow_run_id).data.tags["orch.reused_from"] == original.trial_id
+    assert out["summary"]["n_networks"] == len(trials) - len(reused) == len({t.network_key for t in trials})
 
 
 def test_a_resumed_search_replays_networks_its_earlier_drivers_trained(ray_session):
@@ -105,7 +107,7 @@ def test_a_resumed_search_replays_networks_its_earlier_drivers_trained(ray_sessi
 def test_grid_trains_each_distinct_network_once(ray_session, home):
     out = _search(["--gpus", "0", "--space", "grid", "--grid-step", "0.1", "--tolerance", "0.1", "--epochs", "1"],
                   home)
-    cands, n_points = space.grid_candidates(0.1, 0.1, base_resolution=32, num_classes=10)
+    cands, n_points, _ = space.grid_candidates(0.1, 0.1, base_resolution=32, num_classes=10)
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     trials = store.trials(out["search_id"])
     keys = [t.network_key for t in trials]
@@ -156,3 +158,50 @@ def test_imagefolder_end_to_end(ray_session, home, tmp_path):
     assert len(trials) == 2 and all(t.epochs_done >= 1 for t in trials)
     assert all(t.val_top1 is not None for t in trials)
     assert store.get_search(out["search_id"]).config["num_classes"] == 2
+
+
+def test_infeasible_candidates_are_recorded_and_never_trained(ray_session, home):
+    """A tolerance so tight that most widths step over it: those proposals are rows and runs
+    marked infeasible, with the reason, never trained; Optuna was told through its constraint."""
+    from orchestrator.audit import disagreements
+    from orchestrator.tracking import Tracker
+
+    out = _search(["--gpus", "0", "--trials", "6", "--epochs", "1", "--flops-tolerance", "0.01",
+                   "--no-paper-point", "--seed", "3"], home)
+    store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+    trials = store.trials(out["search_id"])
+    infeasible = [t for t in trials if t.status == "infeasible"]
+    trained = [t for t in trials if t.status != "infeasible"]
+    assert infeasible and trained, [(t.status, t.flops_ratio) for t in trials]
+    for t in infeasible:
+        assert t.epochs_done == 0 and t.history == [] and "not trained" in t.error
+        assert abs(t.flops_ratio / 2 - 1) > 0.01
+    assert all(abs(t.flops_ratio / 2 - 1) <= 0.01 + 1e-9 for t in trained)  # measured, as trained
+    assert out["best"]["trial_id"] in {t.trial_id for t in trained}
+    client = _mlflow(home)
+    for t in infeasible:
+        run = client.get_run(t.mlflow_run_id)
+        assert run.info.status == "KILLED" and run.data.tags["orch.status"] == "infeasible"
+    tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "compound-scaling")
+    assert disagreements(store, tracker, search_id=out["search_id"]) == []
+
+
+def test_same_seed_one_trial_at_a_time_gives_the_same_search(ray_session, home):
+    """Reproducible: the same command and --seed, one trial at a time (2 CPUs per trial on this
+    2-CPU cluster), proposes the same candidates in the same order, trains them to the same
+    figures, and confirms and picks the same winner."""
+    args = ["--gpus", "0", "--cpus-per-trial", "2", "--trials", "4", "--epochs", "1", "--seed", "5", "--no-paper-point",
+            "--confirm-top", "2", "--confirm-seeds", "2"]
+    first, second = _search(args, home), _search(args, home)
+    store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+
+    def story(search_id):
+        trials = sorted(store.trials(search_id), key=lambda t: (t.started_at, t.trial_id))
+        return [(t.phase, t.seed, t.alpha, t.beta, t.gamma, t.network_key, t.val_top1) for t in trials]
+
+    assert first["summary"]["concurrency"] == 1
+    assert story(first["search_id"]) == story(second["search_id"])
+    assert first["best"]["network_key"] == second["best"]["network_key"]
+    a, b = first["summary"]["confirmation"], second["summary"]["confirmation"]
+    assert [(c["network_key"], c["values"]) for c in a["candidates"]] == \
+        [(c["network_key"], c["values"]) for c in b["candidates"]]

@@ -210,18 +210,22 @@ def test_past_revision_fixture_upgrades_to_head(tmp_path):
         assert res.exit_code == 0 and f"{rev} -> {head_revision()}" in res.output
         store = ResultsStore(url)
         assert [s.id for s in store.list_searches()] == ["search-old"]
-        assert [t.trial_id for t in store.trials("search-old")] == ["t1", "t2"]
-        assert store.list_scales() == []  # the tables added since are there and empty
+        trials = store.trials("search-old")
+        assert [t.trial_id for t in trials] == ["t1", "t2"]
+        # columns added since have their defaults: search phase, not the paper point, no cost yet
+        assert all(t.phase == "search" and t.off_surface is False and t.activations_m is None for t in trials)
+        assert [s.id for s in store.list_scales()] == (["scale-old"] if rev >= "0002" else [])
         store.close()
 
 
-def test_past_revision_upgrades_on_postgresql(pg_url):
-    """The same past schemas built on the live server (PostgreSQL; SQLite is the fixture file)."""
-    db_url = pg_url
+def test_past_revision_upgrades_on_postgresql(createdb):
+    """The same past schemas built on the live server (PostgreSQL; SQLite is the fixture file),
+    each in a database of its own."""
     from tests.fixtures.make_schema_fixtures import ROWS, build_at
 
-    eng = sa.create_engine(db_url)
     for rev in ROWS:
+        db_url = createdb(f"orch_rev{rev}")
+        eng = sa.create_engine(db_url)
         with eng.begin() as conn:
             build_at(conn, rev)
         with pytest.raises(SchemaOutOfDate, match="orch db upgrade"):
@@ -231,7 +235,7 @@ def test_past_revision_upgrades_on_postgresql(pg_url):
         store = ResultsStore(db_url)
         assert [t.trial_id for t in store.trials("search-old")] == ["t1", "t2"]
         store.close()
-    eng.dispose()
+        eng.dispose()
 
 
 def test_migrations_have_exactly_one_head_and_a_linear_history():
@@ -242,5 +246,5 @@ def test_migrations_have_exactly_one_head_and_a_linear_history():
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [head_revision()]
     revs = list(script.walk_revisions())
-    assert [r.revision for r in reversed(revs)] == ["0001", "0002"]
+    assert [r.revision for r in reversed(revs)] == ["0001", "0002", "0003"]
     assert all(len(r.nextrev) <= 1 for r in revs)  # no branches

@@ -1,4 +1,6 @@
-"""FLOPs and parameter counts, measured on the meta device (no memory, no compute).
+"""FLOPs, activations and parameter counts, measured on the meta device (no memory, no compute).
+``workers.cost.count`` gets the same figures by arithmetic on the spec, fast enough for the
+search's solver; the tests hold the two equal.
 
 ``torch.utils.flop_counter`` counts 2 FLOPs per multiply-add for convolutions and matmuls;
 the paper's "FLOPs" are multiply-adds, so GMACs = counted FLOPs / 2 / 1e9. Element-wise work
@@ -19,6 +21,7 @@ from workers.model import build_model
 class Cost:
     params: int
     macs: int  # multiply-adds for one image at the spec's resolution
+    activations: int = 0  # elements output by every conv and linear layer, one image
 
     @property
     def params_m(self) -> float:
@@ -30,12 +33,17 @@ class Cost:
 
 
 def measure(spec: dict, resolution: int | None = None) -> Cost:
-    """Parameters and multiply-adds of one forward pass of one image."""
+    """Parameters, multiply-adds and activations of one forward pass of one image."""
     res = int(resolution or spec["resolution"])
     with torch.device("meta"):
         model = build_model(spec).eval()
         x = torch.empty(1, 3, res, res)
+    acts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o.numel()))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
-    return Cost(params=model.num_params(), macs=counter.get_total_flops() // 2)
+    for h in hooks:
+        h.remove()
+    return Cost(params=model.num_params(), macs=counter.get_total_flops() // 2, activations=sum(acts))

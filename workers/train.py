@@ -256,6 +256,8 @@ def run(
             "images_per_s": steps_per_epoch * gbs / train_s,
             "params_m": n_params / 1e6,
         }
+        if device.type == "cuda":  # the device reports it; CPU memory is the process's, not the model's
+            metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if world > 1:
             metrics |= {"rank": rank, "world_size": world, "pid": os.getpid(), "samples": steps_per_epoch * bs}
         history.append(metrics)

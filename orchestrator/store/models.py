@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -43,7 +43,7 @@ class Trial(Base):
     params: Mapped[int | None] = mapped_column(Integer, nullable=True)
     gmacs: Mapped[float | None] = mapped_column(Float, nullable=True)
     flops_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
-    status: Mapped[str] = mapped_column(String(20))  # running | finished | stopped | failed
+    status: Mapped[str] = mapped_column(String(20))  # see orchestrator.store.STATUSES
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)  # last reported epoch
     best_val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -55,6 +55,14 @@ class Trial(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # measured cost: activations (M elements per image), peak device memory (MB, CUDA only),
+    # mean training images/s
+    activations_m: Mapped[float | None] = mapped_column(Float, nullable=True)
+    peak_mem_mb: Mapped[float | None] = mapped_column(Float, nullable=True)
+    images_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    off_surface: Mapped[bool] = mapped_column(Boolean, default=False)  # the paper's point, as published
+    phase: Mapped[str] = mapped_column(String(16), default="search")  # search | confirm
+    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Scale(Base):

@@ -114,6 +114,12 @@ class TrialRecord:
     error: str | None
     started_at: datetime | None
     ended_at: datetime | None
+    activations_m: float | None = None
+    peak_mem_mb: float | None = None
+    images_per_s: float | None = None
+    off_surface: bool = False
+    phase: str = "search"
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -364,7 +370,8 @@ class ResultsStore:
         """Insert the trial or update it in place: one row per (search, trial) however often
         a result is written (retries, resumes)."""
         self._upsert(Trial, TrialRecord, {"search_id": search_id, "trial_id": trial_id},
-                     {"status": "running", "epochs_done": 0, "history": []}, values)
+                     {"status": "running", "epochs_done": 0, "history": [], "off_surface": False,
+                      "phase": "search"}, values)
 
     def _upsert(self, model, record_cls, key: dict, defaults: dict, values: dict) -> None:
         """One row per ``key``: insert ``defaults | values`` or update ``values`` in place."""
