@@ -409,6 +409,8 @@ class SearchProgress(LiveProgress):
               "seeds; the winner is the best mean (0: no confirmation, the best single trial wins).")
 @click.option("--confirm-seeds", type=click.IntRange(min=1, max=20), default=2, show_default=True,
               help="Fresh seeds per confirmed network (2 or more give a noise estimate).")
+@click.option("--data-seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the synthetic task's data. Default: --seed.")
 @click.option("--dataset", default="synthetic", show_default=True, callback=_dataset,
               help="'synthetic' (generated, no download) or 'imagefolder:PATH' (PATH/train/<class>/…, PATH/val/<class>/…).")
 @click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
@@ -441,7 +443,7 @@ class SearchProgress(LiveProgress):
 @json_option
 @click.pass_context
 def search(ctx, space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tolerance, grid_step, no_paper_point,
-           confirm_top, confirm_seeds, dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial, cpus_per_trial, max_failures, name,
+           confirm_top, confirm_seeds, data_seed, dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial, cpus_per_trial, max_failures, name,
            synthetic_size, resume_id, experiment, home, db_url, tracking_uri, address, storage, as_json):
     """Search φ=1 coefficients (α, β, γ) with α·β²·γ² ≈ 2 as Ray Tune trials.
 
@@ -488,7 +490,7 @@ def search(ctx, space_kind, trials, epochs, grace_epochs, seed, tolerance, flops
         dataset=dataset, base_resolution=base_resolution, num_classes=num_classes_of(dataset),
         batch_size=batch_size, lr=lr, gpus=gpus, gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial,
         max_failures=max_failures, experiment=experiment, synthetic_size=tuple(synthetic_size) if synthetic_size else None,
-        confirm_top=confirm_top, confirm_seeds=confirm_seeds,
+        confirm_top=confirm_top, confirm_seeds=confirm_seeds, data_seed=data_seed,
     )
     store = open_store(home, db_url)
     tracker = open_tracker(home, tracking_uri, experiment)

@@ -138,16 +138,23 @@ def _reload_ray_auth() -> None:
 
 def _new_token(path: Path) -> Path:
     """The embedded instance's token file, created owner-only (never readable by others, not
-    even for a moment)."""
+    even for a moment) and whole: written under a private name, then linked into place, so an
+    orch starting at the same moment never reads a half-written token (it uses the first)."""
     import os
     import secrets
 
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
+    try:
+        os.link(tmp, path)  # atomic, and fails if another orch got there first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -303,7 +310,7 @@ def warn_if_exposed(address: str) -> None:
     import ray
 
     gcs = address
-    if ray.is_initialized():
+    if address == "auto" and ray.is_initialized():  # the cluster Ray found: its own address
         try:
             gcs = ray.get_runtime_context().gcs_address or address
         except Exception:  # noqa: BLE001 - e.g. a Ray Client connection: judge the address given

@@ -57,6 +57,7 @@ class SearchOptions:
     max_failures: int = 2
     experiment: str = "compound-scaling"
     synthetic_size: tuple[int, int] | None = None
+    data_seed: int | None = None  # the synthetic task's data (None: seed)
     confirm_top: int = 3  # distinct networks trained again after the search (0: no confirmation)
     confirm_seeds: int = 2  # fresh seeds each
     work_s: float | None = None  # benchmarks only: each trial waits this long instead of training
@@ -646,7 +647,8 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
         "search_id": search_id, "base_resolution": opts.base_resolution, "num_classes": opts.num_classes,
         "dedupe": not opts.work_s, "work_s": opts.work_s,
         "train": {"dataset": opts.dataset, "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": opts.lr,
-                  "seed": opts.seed, "data_seed": opts.seed, "synthetic_size": opts.synthetic_size},
+                  "seed": opts.seed, "data_seed": opts.seed if opts.data_seed is None else opts.data_seed,
+                  "synthetic_size": opts.synthetic_size},
     }
 
     if opts.space == "grid":

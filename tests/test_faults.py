@@ -3,6 +3,7 @@ same command again), a trial's worker process killed, a diverging trial. Every o
 requested rows, each once, and no MLflow run left RUNNING."""
 
 import json
+import logging
 import os
 import pickle
 import signal
@@ -253,6 +254,17 @@ def test_postgresql_restart_mid_search_loses_nothing(ray_session, home, private_
     url = private_postgres.url.replace("postgres@", "postgres:s3cret-pw@")
     monkeypatch.setenv("ORCH_DB_URL", url)
     outage = {}
+    # The store says each retried write on the "orch.store" logger: the outage lasts until one was
+    # retried (at most 9 s, inside the store's retry budget), however fast the trials run.
+    retried = threading.Event()
+
+    class Retries(logging.Handler):
+        def emit(self, record):
+            if "retrying in" in record.getMessage():
+                retried.set()
+
+    watch = Retries()
+    logging.getLogger("orch.store").addHandler(watch)  # the CLI sets "orch"'s own handlers
 
     def restart_when_a_trial_reported():
         store = ResultsStore(private_postgres.url)
@@ -264,16 +276,17 @@ def test_postgresql_restart_mid_search_loses_nothing(ray_session, home, private_
         store.close()
         private_postgres.stop()  # the server goes away while trials keep reporting...
         outage["down"] = time.monotonic()
-        time.sleep(4)
+        outage["hit"] = retried.wait(timeout=9)
         private_postgres.start()  # ... and comes back: the driver's writes are retried with backoff
         outage["up"] = time.monotonic()
 
     restarter = threading.Thread(target=restart_when_a_trial_reported)
     restarter.start()
-    res = _search_in_process(["--gpus", "0", "--trials", "3", "--epochs", "3", "--grace-epochs", "3"])
+    res = _search_in_process(["--gpus", "0", "--trials", "3", "--epochs", "4", "--grace-epochs", "4"])
     restarter.join()
+    logging.getLogger("orch.store").removeHandler(watch)
     assert res.exit_code == 0, res.output
-    assert "up" in outage
+    assert "up" in outage and outage["hit"], outage
     out = json.loads(res.stdout)
     assert out["status"] == "finished" and out["n_trials"] == 3
     assert "Traceback" not in res.stderr and "connection failed" in res.stderr and "retrying in" in res.stderr, \
@@ -284,7 +297,7 @@ def test_postgresql_restart_mid_search_loses_nothing(ray_session, home, private_
     store = ResultsStore(private_postgres.url)
     trials = store.trials(out["search_id"])
     assert len(trials) == 3
-    assert all(t.status == "finished" and [h["epoch"] for h in t.history] == [1, 2, 3] for t in trials)
+    assert all(t.status == "finished" and [h["epoch"] for h in t.history] == [1, 2, 3, 4] for t in trials)
     client = mlflow_client(home)
     for run in [client.get_run(out["mlflow_run_id"]), *children(client, out["mlflow_run_id"])]:
         logged = json.dumps([run.data.params, run.data.tags])

@@ -1,4 +1,5 @@
-"""Ctrl-C on `orch search`: runs ended cleanly, the search marked interrupted, nothing RUNNING."""
+"""Ctrl-C on `orch search`: runs ended cleanly, the search marked interrupted, nothing RUNNING,
+no process left."""
 
 import os
 import signal
@@ -10,6 +11,7 @@ import pytest
 
 from orchestrator.store import ResultsStore
 from tests.conftest import TINY
+from tests.procnet import alive, descendants
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +38,7 @@ def test_sigint_marks_search_interrupted_and_ends_runs(tmp_path):
                 reported = bool(searches) and any(t.epochs_done >= 1 for t in store.trials(searches[0].id))
                 store.close()
         assert reported, "no trial reported in time"
+        pids = descendants(proc.pid)  # the driver, Ray's processes, the trials
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -43,6 +46,10 @@ def test_sigint_marks_search_interrupted_and_ends_runs(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 130, err[-2000:]
+    deadline = time.monotonic() + 15
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert alive(pids) == []  # nothing it started outlives it
     assert "continue it with: orch search --resume search-" in err
 
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
