@@ -75,7 +75,7 @@ def cost(trials: list) -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a coarse grid, 1 grid seed, 2 searches, 1 epoch (CI)")
+    ap.add_argument("--quick", action="store_true", help="a coarse grid, 1 grid seed, 1 search, 1 epoch (CI)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--trials", type=int, default=10, help="trials of each orch search (before confirmation)")
     ap.add_argument("--searches", type=int, default=5)
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=(1536, 512), metavar=("TRAIN", "VAL"))
     args = ap.parse_args()
     if args.quick:
-        args.epochs, args.trials, args.searches, args.grid_seeds, args.grid_step = 1, 3, 2, 1, 0.3
+        args.epochs, args.trials, args.searches, args.grid_seeds, args.grid_step = 1, 3, 1, 1, 0.2
         args.size = (128, 64)
     from orchestrator.store import ResultsStore
 

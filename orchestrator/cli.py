@@ -520,7 +520,7 @@ def _run_search_command(opts, search_id, store, tracker, home, address, storage,
     from orchestrator import cluster as cluster_mod
     from orchestrator import home as home_mod
     from orchestrator.errors import SearchFailed
-    from orchestrator.search import run_search
+    from orchestrator.search import SearchInputError, run_search
 
     err = stderr_console()
     h = home_mod.home_dir(home)
@@ -551,6 +551,8 @@ def _run_search_command(opts, search_id, store, tracker, home, address, storage,
                                      search_id=search_id, resume=resume)
             except SearchFailed as e:
                 raise click.ClickException(str(e))
+            except SearchInputError as e:
+                raise click.UsageError(str(e))
     finally:
         cluster_mod.shutdown(info)
     best = outcome.best
@@ -651,9 +653,14 @@ def _models_table(models: list[dict], title: str):
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True, max=10.0), default=None,
               help="B0's learning rate at --batch-size on one worker; scaled linearly with each model's "
               "global batch. Default: the search's.")
-@click.option("--batch-rule", type=click.Choice(["sqrt-flops", "fixed"]), default=None,
-              help="sqrt-flops: batch = B0's / sqrt(FLOPs ratio), multiple of 8, at least 8 (memory grows "
-              "with the model). fixed: B0's batch for every model. Default: sqrt-flops.")
+@click.option("--batch-rule", type=click.Choice(["fit", "sqrt-flops", "fixed"]), default=None,
+              help="fit (default): every model keeps B0's batch unless its estimated training memory "
+              "(activations × batch × 6.8 bytes, measured for bf16 on an H200) passes 80% of the GPU's; then the "
+              "largest multiple of 8 that fits. Never shrinks on CPU. sqrt-flops: B0's / sqrt(FLOPs ratio), "
+              "multiple of 8, at least 8. fixed: B0's batch everywhere. lr follows the batch linearly.")
+@click.option("--gpu-memory", "gpu_memory", type=click.FloatRange(min=1.0), default=None, metavar="GB",
+              help="GPU memory the fit rule plans against. Default: this machine's GPU; 80 with --address "
+              "and no GPU here; none (CPU jobs) with --gpus 0 or no GPU and no cluster.")
 @click.option("--gpus", type=click.FloatRange(min=0.0), default=None,
               help="GPU budget of the scale. Default: every GPU the cluster has; 0 runs on CPU.")
 @click.option("--gpus-per-job", type=click.IntRange(min=1), default=None,
@@ -673,7 +680,7 @@ def _models_table(models: list[dict], title: str):
 @address_option
 @storage_option
 @json_option
-def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpus,
+def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpu_memory, gpus,
           gpus_per_job, workers_per_job, cpus_per_worker, max_failures, dry_run, experiment, home, db_url,
           tracking_uri, address, storage, as_json):
     """Train the scaled family B0..Bk from a search's winning α, β, γ, one Ray Train job per model.
@@ -721,7 +728,8 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         base_resolution=pick("base_resolution", base_resolution, 32 if dataset == "synthetic" else scaling.B0_RESOLUTION),
         num_classes=num_classes_of(dataset),
         batch_size=pick("batch_size", batch_size, 64), lr=pick("lr", lr, 0.03),
-        batch_rule=batch_rule or prev.get("batch_rule", "sqrt-flops"),
+        batch_rule=batch_rule or prev.get("batch_rule", "fit"),
+        gpu_memory_gb=scale_mod.gpu_memory_for(gpus=gpus, given_gb=gpu_memory, address=address),
         workers=gpus_per_job or workers_per_job or 1, seed=int(cfg.get("seed", 0)),
         synthetic_size=tuple(syn) if syn else None,
         gpus=gpus, gpus_per_job=gpus_per_job, workers_per_job=workers_per_job or 1, cpus_per_worker=cpus_per_worker,
@@ -753,6 +761,9 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         out.print(render_table(rows, title))
         out.print("per model: " + ", ".join(f"{r['name']} batch {r['batch_size']}×{r['workers']} lr {r['lr']:.4g}"
                                             for r in rows), highlight=False)
+        mem = (f"against {opts.gpu_memory_gb:g} GB of GPU memory (80% of it, 6.8 bytes per activation)"
+               if opts.gpu_memory_gb else "CPU jobs: no shrinking")
+        out.print(f"batch rule {opts.batch_rule}" + (f", {mem}" if opts.batch_rule == "fit" else ""), highlight=False)
         out.print("dry run: nothing launched", highlight=False)
         return
     if source.note and not as_json:

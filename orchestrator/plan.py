@@ -40,6 +40,7 @@ def measure_entries(entries: list[scaling.PlanEntry], *, base_resolution: int, n
                 "macs": c.macs,
                 "gmacs": round(c.gmacs, 4),
                 "flops_ratio": round(c.macs / b0.macs, 4),
+                "activations_m": round(c.activations / 1e6, 4),
                 "theory_ratio": round(e.theory_factor, 4),
                 "network_key": e.key,
             }

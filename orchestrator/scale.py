@@ -20,10 +20,21 @@ from orchestrator import faultpoint, scaling
 from orchestrator.tracking import EPOCH_METRICS
 from orchestrator.home import driver_alive, driver_token
 
-#: The per-model batch rule: activation memory grows about with FLOPs per image, and the
-#: reference runs (B0 bs256, B3 bs128, B5 bs48 on one H100) shrink the batch about as the
-#: square root of it. lr follows the global batch linearly (Goyal et al., 2017).
-BATCH_RULES = ("sqrt-flops", "fixed")
+#: The per-model batch rules. ``fit`` (default): every member keeps B0's batch unless its
+#: estimated training memory does not fit the GPU; never shrinks on CPU, where memory is not the
+#: limit and BatchNorm suffers from small batches (measured: a CPU demo with the old rule trained
+#: B1/B2 at batch 8 and they came out below B0). ``sqrt-flops``: the reference runs (B0 bs256,
+#: B3 bs128, B5 bs48 on one H100) shrink the batch about as the square root of FLOPs; ``fixed``:
+#: B0's batch everywhere. lr follows the global batch linearly (Goyal et al., 2017).
+BATCH_RULES = ("fit", "sqrt-flops", "fixed")
+#: Device bytes per counted activation element per image in training: B0@224 bs256 peaked at
+#: 11.68 GB on an H200 (bf16 autocast, channels_last; benchmarks/train_throughput.py) with 6.75 M
+#: activations per image (workers/cost.py): 6.8 bytes, saved intermediates included.
+BYTES_PER_ACTIVATION = 6.8
+#: Share of the GPU's memory a job plans to fill (allocator slack, cuDNN workspaces, eval).
+MEMORY_SHARE = 0.8
+#: Assumed GPU memory for jobs on a cluster whose GPUs the driver cannot see (an 80 GB H100).
+DEFAULT_GPU_MEMORY_GB = 80.0
 #: Never shrink below this per worker (BN statistics get noisy under it).
 MIN_BATCH = 8
 #: How often the driver collects the jobs' reports (seconds).
@@ -115,7 +126,8 @@ class ScaleOptions:
     num_classes: int = 10
     batch_size: int = 64  # B0's per-worker batch; the rule derives the others
     lr: float = 0.03  # B0's learning rate at batch_size on one worker
-    batch_rule: str = "sqrt-flops"
+    batch_rule: str = "fit"
+    gpu_memory_gb: float | None = None  # what the fit rule plans against; None: CPU jobs
     workers: int = 1  # data-parallel workers per job
     seed: int = 0
     synthetic_size: tuple | None = None
@@ -136,21 +148,47 @@ class ScaleOptions:
         return d
 
 
-def batch_and_lr(flops_ratio: float, *, base_batch: int, base_lr: float, workers: int, rule: str) -> tuple[int, float]:
+def batch_and_lr(flops_ratio: float, *, base_batch: int, base_lr: float, workers: int, rule: str,
+                 activations_m: float | None = None, gpu_memory_gb: float | None = None) -> tuple[int, float]:
     """(per-worker batch, learning rate) of a model ``flops_ratio`` times B0's FLOPs.
 
-    ``sqrt-flops``: batch = base / sqrt(ratio), down to a multiple of 8, never above the base nor
-    below 8 (or the base, if that is smaller); ``fixed``: the base batch for every model. Either
-    way lr = base_lr x global batch / base batch (the linear rule), global = batch x workers.
+    ``fit``: the base batch, unless ``activations_m`` (M elements per image) x batch x
+    BYTES_PER_ACTIVATION exceeds MEMORY_SHARE of ``gpu_memory_gb``; then the largest multiple of
+    8 that fits (at least 8). ``gpu_memory_gb`` None (CPU): never shrinks. ``sqrt-flops``: batch =
+    base / sqrt(ratio), down to a multiple of 8, never above the base nor below 8 (or the base,
+    if that is smaller); ``fixed``: the base batch for every model. Either way lr = base_lr x
+    global batch / base batch (the linear rule), global = batch x workers.
     """
     if rule not in BATCH_RULES:
         raise ValueError(f"unknown batch rule {rule!r}; use one of {', '.join(BATCH_RULES)}")
     batch = base_batch
+    if rule == "fit" and gpu_memory_gb and activations_m:
+        fits = int(MEMORY_SHARE * gpu_memory_gb * 1e9 / (activations_m * 1e6 * BYTES_PER_ACTIVATION))
+        if fits < base_batch:
+            batch = max(min(MIN_BATCH, base_batch), fits // 8 * 8 if fits >= 8 else fits)
     if rule == "sqrt-flops" and flops_ratio > 1:
         b = base_batch / math.sqrt(flops_ratio)
         batch = int(b // 8 * 8) if b >= 8 else int(b)
         batch = max(min(MIN_BATCH, base_batch), min(base_batch, batch))
     return batch, base_lr * batch * workers / base_batch
+
+
+def gpu_memory_for(*, gpus: float | None, given_gb: float | None, address: str | None) -> float | None:
+    """What the ``fit`` rule plans against: ``--gpu-memory`` if given; none for CPU jobs
+    (``--gpus 0``, or the embedded instance on a machine without CUDA); else this machine's GPU 0,
+    or DEFAULT_GPU_MEMORY_GB for a cluster whose GPUs the driver cannot see."""
+    if given_gb is not None:
+        return given_gb
+    if gpus == 0:
+        return None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
+    except Exception:  # noqa: BLE001 - no usable CUDA here: decided below
+        pass
+    return DEFAULT_GPU_MEMORY_GB if address else None
 
 
 def plan_entries(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[scaling.PlanEntry]:
@@ -165,7 +203,8 @@ def plan_entries(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[scali
 
 
 def build_plan(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[dict]:
-    """The measured plan (the rows of `orch plan`), each with its batch size, lr and spec."""
+    """The measured plan (the rows of `orch plan`), each with its batch size, lr and spec; the
+    ``fit`` rule plans against ``opts.gpu_memory_gb`` (None: CPU jobs)."""
     from orchestrator.plan import measure_entries
 
     entries = plan_entries(opts, coeffs)
@@ -174,7 +213,8 @@ def build_plan(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[dict]:
     rows = measure_entries(entries, base_resolution=opts.base_resolution, num_classes=opts.num_classes)
     for row, entry in zip(rows, entries):
         batch, lr = batch_and_lr(row["flops_ratio"], base_batch=opts.batch_size, base_lr=opts.lr,
-                                 workers=opts.workers, rule=opts.batch_rule)
+                                 workers=opts.workers, rule=opts.batch_rule, activations_m=row["activations_m"],
+                                 gpu_memory_gb=opts.gpu_memory_gb)
         row.update(batch_size=batch, lr=round(lr, 6), workers=opts.workers, spec=entry.spec)
     return rows
 
@@ -183,6 +223,8 @@ def scale_id_for(source: Source, coeffs: scaling.Coefficients, opts: ScaleOption
     """A scale is named by what it trains: the same source, coefficients and plan options give
     the same id, so running the command again continues that scale."""
     ident = {k: getattr(opts, k) for k in ScaleOptions.IDENTITY}
+    if opts.gpu_memory_gb is not None:  # it sets the batches; absent (CPU) it leaves ids as they were
+        ident["gpu_memory_gb"] = opts.gpu_memory_gb
     ident["synthetic_size"] = list(opts.synthetic_size) if opts.synthetic_size else None
     ident |= {"search": source.search.id, "trial": source.trial.trial_id,
               "coefficients": [coeffs.alpha, coeffs.beta, coeffs.gamma]}

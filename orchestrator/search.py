@@ -600,6 +600,16 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     from orchestrator.home import driver_token
 
     b0 = measure(scaling.network_spec(1.0, 1.0, opts.base_resolution, num_classes=opts.num_classes))
+    grid = None
+    if opts.space == "grid":  # before anything is recorded: an empty grid is the user's to fix
+        grid = space.grid_candidates(opts.grid_step, opts.tolerance, base_resolution=opts.base_resolution,
+                                     num_classes=opts.num_classes, paper_first=opts.paper_point,
+                                     flops_tolerance=opts.flops_tolerance)
+        if len(grid[0]) <= int(opts.paper_point):
+            raise SearchInputError(
+                f"the grid has no point whose measured FLOPs are within ±{opts.flops_tolerance:.0%} of 2x B0 "
+                f"({grid[1]} points within --tolerance {opts.tolerance:g} of the formula, {grid[2]} infeasible); "
+                f"use a finer --grid-step, a larger --tolerance or --flops-tolerance")
     prior = []
     restore = False
     def parent_run(adopt: bool) -> str:
@@ -652,9 +662,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     }
 
     if opts.space == "grid":
-        cands, n_points, n_infeasible = space.grid_candidates(
-            opts.grid_step, opts.tolerance, base_resolution=opts.base_resolution, num_classes=opts.num_classes,
-            paper_first=opts.paper_point, flops_tolerance=opts.flops_tolerance)
+        cands, n_points, n_infeasible = grid
         if opts.trials:
             cands = cands[:opts.trials]
         param_space = {"point": tune.grid_search([{"alpha": c.alpha, "beta": c.beta, "gamma": c.gamma} for c in cands])}

@@ -54,3 +54,17 @@ def test_statecopy_quick():
     assert re.match(r"Tune's copy: \d+ reads, \d+ torn", lines[-2])
     m = re.match(r"orch's copy: (\d+) reads, 0 torn$", lines[-1])
     assert m and int(m.group(1)) > 0, lines[-3:]
+
+
+def test_search_cost_quick():
+    lines = _run("search_cost.py")
+    assert re.match(r"grid: \d+ networks, \d+ trial epochs", lines[1]), lines
+    m = re.match(r"mean cost ([\d.]+)% of the grid's epochs, [\d.]+% of its seconds; winner in the grid's top 3 "
+                 r"in (\d) of 1; Spearman\(first rung, full budget\) = (-?[\d.]+|n/a)$", lines[-1])
+    assert m and float(m.group(1)) > 0, lines[-3:]
+
+
+def test_trial_defaults_quick():
+    lines = _run("trial_defaults.py")
+    row = lines[-1].split()
+    assert row[:5] == ["32", "64", "0.03", "1", "256"] and 0.0 <= float(row[-3]) <= 1.0, lines[-3:]

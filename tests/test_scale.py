@@ -60,11 +60,15 @@ def test_batch_shrinks_with_sqrt_flops_and_lr_follows_the_global_batch():
 
 
 def test_plan_rows_carry_batch_lr_and_spec():
-    opts = scale_mod.ScaleOptions(phis=[1.0, 2.0], base_resolution=32, num_classes=10, batch_size=64, lr=0.04)
+    opts = scale_mod.ScaleOptions(phis=[1.0, 2.0], base_resolution=32, num_classes=10, batch_size=64, lr=0.04,
+                                  batch_rule="sqrt-flops")
     rows = scale_mod.build_plan(opts, scaling.Coefficients(1.2, 1.1, 1.15))
     assert [r["name"] for r in rows] == ["B0", "B1", "B2"]
     assert rows[0]["batch_size"] == 64 and rows[0]["lr"] == pytest.approx(0.04)
     assert rows[2]["batch_size"] <= rows[1]["batch_size"] < 64 and rows[2]["flops_ratio"] > rows[1]["flops_ratio"]
+    fit = scale_mod.build_plan(scale_mod.ScaleOptions(phis=[1.0, 2.0], base_resolution=32, num_classes=10,
+                                                      batch_size=64), scaling.Coefficients(1.2, 1.1, 1.15))
+    assert [r["batch_size"] for r in fit] == [64, 64, 64]  # the default rule on CPU: no shrinking
     for r in rows:
         assert r["lr"] == pytest.approx(0.04 * r["batch_size"] / 64)
         assert r["spec"]["resolution"] == r["resolution"]
@@ -235,3 +239,35 @@ def test_unreachable_ray_address_is_a_bounded_clear_error(home):
     assert res.returncode == 2 and "cannot reach Ray at 127.0.0.1:" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert time.monotonic() - t0 < 60  # ray.init alone would retry for minutes
+
+
+def test_the_fit_rule_shrinks_a_batch_only_where_memory_demands_it():
+    """CPU jobs (no GPU memory to plan against) keep B0's batch for every member; on a GPU the
+    batch shrinks only for members whose estimated memory does not fit, to the largest multiple
+    of 8 that does; the lr follows the batch."""
+    from orchestrator import scaling
+    from workers.cost import count
+
+    def member(name):  # B0 and B7 at 224 px, 1000 classes
+        w, d, r, _ = scaling.OFFICIAL[name]
+        return count(scaling.network_spec(d, w, r, num_classes=1000)).activations / 1e6
+
+    rule = dict(base_batch=256, base_lr=0.1, workers=1, rule="fit")
+    b0, b7 = member("B0"), member("B7")
+    assert scale_mod.batch_and_lr(1.0, activations_m=b0, **rule) == (256, pytest.approx(0.1))  # CPU
+    assert scale_mod.batch_and_lr(98.0, activations_m=b7, **rule) == (256, pytest.approx(0.1))  # CPU: never
+    assert scale_mod.batch_and_lr(1.0, activations_m=b0, gpu_memory_gb=141, **rule)[0] == 256  # room: kept
+    batch, lr = scale_mod.batch_and_lr(98.0, activations_m=b7, gpu_memory_gb=80, **rule)
+    assert 8 <= batch < 256 and batch % 8 == 0 and lr == pytest.approx(0.1 * batch / 256)
+    assert b7 * 1e6 * batch * scale_mod.BYTES_PER_ACTIVATION <= 0.8 * 80e9  # it fits...
+    assert b7 * 1e6 * (batch + 8) * scale_mod.BYTES_PER_ACTIVATION > 0.8 * 80e9  # ... and is the largest that does
+    smaller, _ = scale_mod.batch_and_lr(98.0, activations_m=b7, gpu_memory_gb=24, **rule)
+    assert smaller < batch  # less memory, smaller batch
+
+
+def test_gpu_memory_the_fit_rule_plans_against():
+    assert scale_mod.gpu_memory_for(gpus=0, given_gb=None, address=None) is None
+    assert scale_mod.gpu_memory_for(gpus=8, given_gb=40.0, address=None) == 40.0
+    # this CPU-only machine: the embedded instance has no GPU; a cluster's GPUs are assumed 80 GB
+    assert scale_mod.gpu_memory_for(gpus=None, given_gb=None, address=None) is None
+    assert scale_mod.gpu_memory_for(gpus=None, given_gb=None, address="10.0.0.1:6379") == 80.0

@@ -111,3 +111,12 @@ def test_tracking_uri_that_is_not_mlflow_is_refused_at_once(home):
         server.shutdown()
         server.server_close()
     no_search_recorded(home)
+
+
+def test_an_empty_grid_is_a_clear_error_before_anything_is_recorded(home):
+    """No grid point within the FLOPs tolerance: one line saying how to fix it; no search row,
+    no MLflow run."""
+    res = CliRunner().invoke(main, ["search", "--gpus", "0", "--space", "grid", "--grid-step", "0.5",
+                                    "--tolerance", "0.01", "--flops-tolerance", "0.001", "--no-paper-point"])
+    assert res.exit_code == 2 and "finer --grid-step" in error_line(res)
+    no_search_recorded(home)
