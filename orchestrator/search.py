@@ -386,14 +386,17 @@ class Sink:
                 dirty.setdefault(st.trial_id, [])
                 ended.append(st.trial_id)
         for tid, st in list(self.trials.items()):
-            if tid in known or st.status not in ("running", "interrupted"):
+            # A replay copies another trial's reports: one Tune never saved (it can start and end
+            # between two of Tune's saves) is no trial of the study and holds nothing of its own.
+            replay = st.reused_from is not None and st.reused_from in self.trials
+            if tid in known or (st.status not in ("running", "interrupted") and not replay):
                 continue
-            if st.history:  # it trained: keep what it reported
+            if st.history and not replay:  # it trained: keep what it reported
                 st.status, st.ended_at = "interrupted", at
                 st.error = "lost with a killed driver before Tune saved it; the resumed search proposed afresh"
                 dirty.setdefault(tid, [])
                 ended.append(tid)
-            else:  # nothing recorded: not a trial of this search's study
+            else:  # nothing of its own: not a trial of this search's study
                 self.tracker.log(st.run_id, [], tags={"orch.status": "discarded",
                                                       "orch.error": "started as its driver was killed; never saved"})
                 self.tracker.end(st.run_id, "interrupted")

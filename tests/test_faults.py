@@ -506,6 +506,12 @@ def test_resume_ends_the_runs_of_trials_tune_ended_while_no_driver_listened(ray_
     for run_id in (search.mlflow_run_id, a.mlflow_run_id, b.mlflow_run_id):  # as the dead driver left them
         client.update_run(run_id, status="RUNNING")
         client.delete_tag(run_id, "orch.status")
+    # ... and a replay of trial A that started and ended between two of Tune's saves: a row and a
+    # run (never ended) of a trial Tune never saved, holding only A's reports
+    ghost = tracker.start_run("ghost", parent_id=search.mlflow_run_id, tags={
+        "orch.kind": "trial", "orch.search_id": search_id, "orch.trial_id": "ghost"})
+    store.upsert_trial(search_id, "ghost", **{k: v for k, v in asdict(a).items() if k not in ("search_id", "trial_id")}
+                       | {"reused_from": a.trial_id, "mlflow_run_id": ghost})
     store.update_search(search_id, status="running", finished_at=None)
     first = b.history[0]
     row = {k: v for k, v in asdict(b).items() if k not in ("search_id", "trial_id")}
@@ -518,6 +524,8 @@ def test_resume_ends_the_runs_of_trials_tune_ended_while_no_driver_listened(ray_
     assert json.loads(res.stdout)["status"] == "finished"
     assert disagreements(store, tracker, search_id=search_id) == []
     after = {t.trial_id: t for t in store.trials(search_id)}
+    assert "ghost" not in after and client.get_run(ghost).data.tags["orch.status"] == "discarded"
+    assert client.get_run(ghost).info.status == "KILLED"
     assert after[a.trial_id].history == a.history
     assert after[b.trial_id].status == "finished" and [h["epoch"] for h in after[b.trial_id].history] == [1, 2]
     assert after[b.trial_id].history[-1]["pid"] == b.history[-1]["pid"]  # from Tune's last result
