@@ -735,14 +735,13 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
                     "seed": tune.grid_search(seeds), "phase": "confirm"}))
     wall = time.monotonic() - t0
     try:
-        if resume is not None and not error:
-            try:
-                known = _tune_trials(experiment_path) if restore or phase == "confirm" else []
+        if resume is not None and not error and (restore or phase == "confirm"):
+            try:  # Tune's record of every trial of both experiments, against the rows
+                known = _tune_trials(experiment_path)
                 if config.get("phase") == "confirm" and (tunestate.exists(confirm_path)
                                                         or tune.Tuner.can_restore(confirm_path)):
                     known += _tune_trials(confirm_path)
-                if restore or phase == "confirm":
-                    sink.reconcile(known)
+                sink.reconcile(known)
             except Exception as e:  # noqa: BLE001 - the rows keep what the sink saw; say why
                 error = f"reading Tune's record of {experiment_path} failed: {e}"
         sink.close(interrupted=interrupted)
