@@ -52,11 +52,16 @@ def descendants(root: int) -> list[int]:
 
 
 def command(pid: int) -> str:
+    """The process's command line with the program's folder left out (a deep checkout path
+    would otherwise push the program's name past any cut of the line)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            argv = f.read().decode(errors="replace").split("\0")
     except OSError:
         return "?"
+    if argv and "/" in argv[0]:
+        argv[0] = argv[0].rsplit("/", 1)[1]
+    return " ".join(a for a in argv if a).strip()
 
 
 def listeners(pids) -> set[tuple[str, int, str]]:
