@@ -25,10 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 #: (base resolution, batch, lr, epochs, synthetic train/val size)
 SETTINGS = [
     (32, 64, 0.03, 3, (1536, 512)),   # the defaults before this measurement
-    (32, 32, 0.06, 3, (1536, 512)),
-    (32, 32, 0.1, 4, (1536, 512)),
-    (40, 32, 0.06, 3, (1536, 512)),
-    (40, 32, 0.1, 4, (1536, 512)),
+    (32, 64, 0.1, 3, (1536, 512)),
+    (32, 64, 0.2, 3, (1536, 512)),
+    (40, 64, 0.03, 3, (1536, 512)),
+    (40, 64, 0.1, 3, (1536, 512)),    # the defaults since (workers/defaults.py)
+    (40, 64, 0.2, 3, (1536, 512)),
 ]
 ALPHAS = (1.1, 1.5, 1.9)
 
@@ -55,7 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     settings, alphas = (SETTINGS[:1], ALPHAS[:1]) if args.quick else (SETTINGS, ALPHAS)
     if args.quick:
-        settings = [(32, 64, 0.03, 1, (256, 128))]
+        settings = [(40, 64, 0.1, 1, (256, 128))]
     jobs = [s + (a,) for s in settings for a in alphas]
     results = []
     with ProcessPoolExecutor(max_workers=max(1, min(args.workers, os.cpu_count() or 1))) as pool:

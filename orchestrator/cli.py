@@ -14,6 +14,7 @@ import sys
 import click
 
 from orchestrator import __version__, scaling
+from workers import defaults
 
 
 # --------------------------------------------------------------------------- parameter types
@@ -296,6 +297,11 @@ def _dataset(ctx, param, value):
     return value
 
 
+def default_base_resolution(dataset: str) -> int:
+    """B0's input size when none is given: the synthetic task's own, else the paper's 224."""
+    return defaults.SYNTHETIC_BASE_RESOLUTION if dataset == "synthetic" else scaling.B0_RESOLUTION
+
+
 # --------------------------------------------------------------------------- orch search
 
 
@@ -390,7 +396,7 @@ class SearchProgress(LiveProgress):
               "grid: the paper's grid over feasible points, one trial per distinct network.")
 @click.option("--trials", type=click.IntRange(min=1, max=100_000), default=None,
               help="Candidates to train. Default 16 (grid: every distinct network on the grid).")
-@click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=3, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=defaults.EPOCHS, show_default=True,
               help="Maximum epochs per trial (ASHA stops weak trials earlier).")
 @click.option("--grace-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Minimum epochs before ASHA may stop a trial.")
@@ -414,10 +420,12 @@ class SearchProgress(LiveProgress):
 @click.option("--dataset", default="synthetic", show_default=True, callback=_dataset,
               help="'synthetic' (generated, no download) or 'imagefolder:PATH' (PATH/train/<class>/…, PATH/val/<class>/…).")
 @click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
-              help="B0's input size for the task. Default 224; 32 for the synthetic task (its images are 64px).")
-@click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=64, show_default=True,
-              help="Training batch size per trial.")
-@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True, max=10.0), default=0.03, show_default=True,
+              help=f"B0's input size for the task. Default 224; {defaults.SYNTHETIC_BASE_RESOLUTION} for the synthetic task "
+              "(its images are 64px).")
+@click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=defaults.BATCH_SIZE,
+              show_default=True, help="Training batch size per trial.")
+@click.option("--lr", type=click.FloatRange(min=0.0, min_open=True, max=10.0), default=defaults.LR,
+              show_default=True,
               help="Peak SGD learning rate (warm-up, then cosine).")
 @click.option("--gpus", type=click.FloatRange(min=0.0), default=None,
               help="GPU budget of the search. Default: every GPU the cluster has; 0 runs on CPU.")
@@ -482,7 +490,7 @@ def search(ctx, space_kind, trials, epochs, grace_epochs, seed, tolerance, flops
     if synthetic_size and dataset != "synthetic":
         raise click.BadParameter("only applies to --dataset synthetic", param_hint="--synthetic-size")
     if base_resolution is None:
-        base_resolution = 32 if dataset == "synthetic" else scaling.B0_RESOLUTION
+        base_resolution = default_base_resolution(dataset)
     search_id = new_search_id()
     opts = SearchOptions(
         name=name or search_id, space=space_kind, trials=trials, epochs=epochs, grace_epochs=grace_epochs, seed=seed,
@@ -724,10 +732,10 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         mode=mode or prev.get("mode", "compound"),
         phis=phis if phis is not None else prev.get("phis", [float(p) for p in range(1, 8)]),
         baseline=baseline if baseline is not None else prev.get("baseline", True),
-        epochs=pick("epochs", epochs, 3), dataset=dataset,
-        base_resolution=pick("base_resolution", base_resolution, 32 if dataset == "synthetic" else scaling.B0_RESOLUTION),
+        epochs=pick("epochs", epochs, defaults.EPOCHS), dataset=dataset,
+        base_resolution=pick("base_resolution", base_resolution, default_base_resolution(dataset)),
         num_classes=num_classes_of(dataset),
-        batch_size=pick("batch_size", batch_size, 64), lr=pick("lr", lr, 0.03),
+        batch_size=pick("batch_size", batch_size, defaults.BATCH_SIZE), lr=pick("lr", lr, defaults.LR),
         batch_rule=batch_rule or prev.get("batch_rule", "fit"),
         gpu_memory_gb=scale_mod.gpu_memory_for(gpus=gpus, given_gb=gpu_memory, address=address),
         workers=gpus_per_job or workers_per_job or 1, seed=int(cfg.get("seed", 0)),

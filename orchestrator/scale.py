@@ -18,6 +18,7 @@ from typing import Callable
 
 from orchestrator import faultpoint, scaling
 from orchestrator.tracking import EPOCH_METRICS
+from workers import defaults
 from orchestrator.home import driver_alive, driver_token
 
 #: The per-model batch rules. ``fit`` (default): every member keeps B0's batch unless its
@@ -120,12 +121,12 @@ class ScaleOptions:
     mode: str = "compound"
     phis: list = field(default_factory=lambda: [float(p) for p in range(1, 8)])
     baseline: bool = True
-    epochs: int = 3
+    epochs: int = defaults.EPOCHS
     dataset: str = "synthetic"
-    base_resolution: int = 32
+    base_resolution: int = defaults.SYNTHETIC_BASE_RESOLUTION
     num_classes: int = 10
-    batch_size: int = 64  # B0's per-worker batch; the rule derives the others
-    lr: float = 0.03  # B0's learning rate at batch_size on one worker
+    batch_size: int = defaults.BATCH_SIZE  # B0's per-worker batch; the rule derives the others
+    lr: float = defaults.LR  # B0's learning rate at batch_size on one worker
     batch_rule: str = "fit"
     gpu_memory_gb: float | None = None  # what the fit rule plans against; None: CPU jobs
     workers: int = 1  # data-parallel workers per job

@@ -20,6 +20,7 @@ from typing import Callable
 from orchestrator import faultpoint, scaling, space, tunestate
 from orchestrator.space import FLOPS_TOLERANCE
 from orchestrator.tracking import EPOCH_METRICS, same_value
+from workers import defaults
 
 #: ASHA halves the field at each rung: with a handful of trials and epochs, 4 (Ray's default)
 #: would stop almost everything at the grace period.
@@ -39,7 +40,7 @@ class SearchOptions:
     name: str
     space: str = "surface"
     trials: int | None = None  # None: 16 for surface/band, every distinct network for grid
-    epochs: int = 3
+    epochs: int = defaults.EPOCHS
     grace_epochs: int = 1
     seed: int = 0
     tolerance: float = 0.1
@@ -47,10 +48,10 @@ class SearchOptions:
     grid_step: float = 0.05
     paper_point: bool = True
     dataset: str = "synthetic"
-    base_resolution: int = 32
+    base_resolution: int = defaults.SYNTHETIC_BASE_RESOLUTION
     num_classes: int = 10
-    batch_size: int = 64
-    lr: float = 0.03
+    batch_size: int = defaults.BATCH_SIZE
+    lr: float = defaults.LR
     gpus: float | None = None
     gpus_per_trial: float | None = None
     cpus_per_trial: float = 1.0

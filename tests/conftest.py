@@ -14,9 +14,9 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
-#: A tiny synthetic task and one epoch keep a CPU search in CI to seconds per trial; no
+#: A tiny synthetic task at base 32 and one epoch keep a CPU search in CI to seconds per trial; no
 #: confirmation phase unless a test is about it (then its own --confirm-top comes after TINY).
-TINY = ["--synthetic-size", "128", "64", "--batch-size", "32", "--confirm-top", "0"]
+TINY = ["--synthetic-size", "128", "64", "--batch-size", "32", "--base-resolution", "32", "--confirm-top", "0"]
 
 
 def error_line(res) -> str:

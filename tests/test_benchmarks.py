@@ -67,4 +67,4 @@ def test_search_cost_quick():
 def test_trial_defaults_quick():
     lines = _run("trial_defaults.py")
     row = lines[-1].split()
-    assert row[:5] == ["32", "64", "0.03", "1", "256"] and 0.0 <= float(row[-3]) <= 1.0, lines[-3:]
+    assert row[:5] == ["40", "64", "0.1", "1", "256"] and 0.0 <= float(row[-3]) <= 1.0, lines[-3:]

@@ -25,9 +25,7 @@ from torch.nn import functional as F
 
 #: Native resolution of the synthetic images before resizing to a trial's resolution.
 SYNTHETIC_NATIVE = 64
-#: Default size of the synthetic task: big enough to rank candidates, small enough for a laptop
-#: CPU (a B0 epoch at 32px takes ~5 s on one core).
-SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 1536, 512, 10
+from workers.defaults import SYNTHETIC_CLASSES, SYNTHETIC_TRAIN, SYNTHETIC_VAL  # noqa: F401 - re-exported
 #: Image suffixes read by ``imagefolder``.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 #: Datasets above this many pixels*images are refused for the in-memory uint8 cache (~4 GiB).

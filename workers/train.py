@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from workers import data as data_mod
+from workers import defaults
 from workers.model import build_model
 
 DEFAULTS = {
@@ -33,9 +34,9 @@ DEFAULTS = {
     "dataset": "synthetic",  # 'synthetic' or 'imagefolder:PATH'
     "data_seed": 0,  # the synthetic task is a function of this seed
     "synthetic_size": None,  # (n_train, n_val) to shrink the synthetic task, e.g. in tests
-    "epochs": 3,  # maximum epochs; ASHA may stop a trial earlier
-    "batch_size": 64,  # small enough for CPU, per-step noise helps short schedules
-    "lr": 0.03,  # SGD-Nesterov peak rate for batch 64 (linear rule: 0.12 per 256); measured stable
+    "epochs": defaults.EPOCHS,  # maximum epochs; ASHA may stop a trial earlier
+    "batch_size": defaults.BATCH_SIZE,
+    "lr": defaults.LR,  # peak SGD-Nesterov rate; warm-up, then cosine
     "weight_decay": 1e-4,  # on conv/linear weights only; BN and biases are not decayed
     "label_smoothing": 0.1,  # the EfficientNet recipe's value
     "warmup_frac": 0.1,  # linear warm-up over this fraction of all steps, then cosine to 0

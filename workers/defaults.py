@@ -1,0 +1,21 @@
+"""Training and synthetic-task defaults, in one place: ``workers.train`` and ``workers.data`` use
+them, the orchestrator's option classes and the CLI show them. No imports, so the CLI reads them
+without loading torch. How they were chosen: README, "Default trials learn"
+(``benchmarks/trial_defaults.py``)."""
+
+#: Per-trial (and B0's per-worker) batch: small enough for a CPU, per-step noise helps short runs.
+BATCH_SIZE = 64
+#: SGD-Nesterov peak rate at BATCH_SIZE (warm-up, then cosine). Measured at base 40, 3 epochs:
+#: 0.1 gave 2x-B0 candidates 0.33-0.79 val top-1 where 0.03 gave 0.21-0.28 and 0.2 gave 0.21.
+LR = 0.1
+#: Maximum epochs per trial, and each scaled job's epochs.
+EPOCHS = 3
+
+#: Size of the synthetic task: big enough to rank candidates, small enough for a laptop CPU.
+SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 1536, 512, 10
+#: B0's input size for the synthetic task (its images are 64 px). The high-frequency class of each
+#: pair (64/3.6 ≈ 17.8 cycles per image) lies above the Nyquist limit of 32 px (16) and below that
+#: of 40 px (20): at 32 a 2x-B0 candidate cannot tell the pair apart and default trials ended near
+#: 0.2 top-1; at 40 they learn, and resolution can still grow within 2x B0, which the measured
+#: FLOPs constraint does not allow at 32.
+SYNTHETIC_BASE_RESOLUTION = 40
