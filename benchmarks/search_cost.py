@@ -7,7 +7,7 @@ grow within 2x), two ways:
 - `orch search` (TPE + ASHA + de-duplication + confirmation of the top 3 with 2 fresh seeds)
   run with 5 different seeds.
 
-    python benchmarks/search_cost.py            # about 20-30 minutes on 2 CPU cores
+    python benchmarks/search_cost.py            # about 45 minutes on 2 CPU cores
     python benchmarks/search_cost.py --quick    # a few minutes' worth, cut down (CI)
 
 Prints, for each search: its cost as a fraction of the grid's (trial epochs, and CPU seconds in
@@ -76,12 +76,16 @@ def cost(trials: list) -> tuple[int, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a coarse grid, 1 grid seed, 1 search, 1 epoch (CI)")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--trials", type=int, default=10, help="trials of each orch search (before confirmation)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--trials", type=int, default=8, help="trials of each orch search (before confirmation)")
     ap.add_argument("--searches", type=int, default=5)
     ap.add_argument("--grid-seeds", type=int, default=3)
     ap.add_argument("--grid-step", type=float, default=0.1)
-    ap.add_argument("--size", type=int, nargs=2, default=(1536, 512), metavar=("TRAIN", "VAL"))
+    # 512 images at batch 32 (16 steps an epoch, the rate scaled linearly from the default 0.1 at 64):
+    # the largest task that keeps 17 grid networks x 3 seeds plus 5 searches near 45 minutes here
+    ap.add_argument("--size", type=int, nargs=2, default=(512, 256), metavar=("TRAIN", "VAL"))
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()
     if args.quick:
         args.epochs, args.trials, args.searches, args.grid_seeds, args.grid_step = 1, 3, 1, 1, 0.2
@@ -89,7 +93,8 @@ def main() -> None:
     from orchestrator.store import ResultsStore
 
     task = ["--base-resolution", "40", "--synthetic-size", str(args.size[0]), str(args.size[1]), "--data-seed", "0",
-            "--epochs", str(args.epochs), "--gpus", "0", "--no-paper-point"]
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--gpus", "0",
+            "--no-paper-point"]
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="orch-search-cost-") as tmp:
         env = dict(os.environ, ORCH_HOME=str(Path(tmp) / "home"), MLFLOW_DISABLE_TELEMETRY="true")
@@ -135,7 +140,8 @@ def main() -> None:
                          where))
         store.close()
 
-    print(f"search cost: synthetic task {args.size[0]}/{args.size[1]} at base 40, {args.epochs} epochs, grid step "
+    print(f"search cost: synthetic task {args.size[0]}/{args.size[1]} at base 40, {args.epochs} epochs, batch "
+          f"{args.batch_size}, lr {args.lr:g}, grid step "
           f"{args.grid_step:g} x {args.grid_seeds} seeds vs {args.searches} orch searches of {args.trials} trials; "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}" + (" (quick)" if args.quick else ""))
     print(f"grid: {len(grid_mean)} networks, {grid_epochs:.0f} trial epochs, {grid_s:.0f} s training; best mean "
