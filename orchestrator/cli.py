@@ -818,8 +818,12 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         s = outcome.summary
         out.print(_models_table(models, f"scale {outcome.scale_id} {outcome.status}: {len(s['trained_now'])} trained "
                                         f"now, {len(s['done_before'])} earlier, {s['wall_s']:.0f}s wall"))
-        out.print(f"compare the family in MLflow: orch ui --scale {outcome.scale_id}   (then open {url})",
-                  highlight=False)
+        from orchestrator.chart import print_family
+
+        print_family(models, title=f"{outcome.scale_id}: val top-1 against GMACs", reference=opts.mode == "compound")
+        out.print(f"next: orch ui --scale {outcome.scale_id}   then open {url}\n"
+                  f"  there: Scatter Plot, X-axis gmacs, Y-axis val_top1_final (the family); the parent run "
+                  f"{outcome.scale_id} holds family.png under Artifacts", highlight=False)
     if outcome.status == "interrupted":
         raise SystemExit(130)
 
@@ -983,6 +987,9 @@ def _show_scale(store, sc, as_json: bool) -> None:
     if sc.error:
         out.print(f"error: {sc.error}", highlight=False)
     out.print(_models_table(models, "models"))
+    from orchestrator.chart import print_family
+
+    print_family(models, title=f"{sc.id}: val top-1 against GMACs", reference=c.get("mode") == "compound")
 
 
 # --------------------------------------------------------------------------- orch ui

@@ -46,6 +46,10 @@ def test_search_and_scale_on_postgresql_and_a_tracking_server(ray_session, home,
     for m in out["models"]:
         assert {"name", "phi", "resolution", "params_m", "gmacs", "val_top1", "mlflow_run_id"} <= set(m)
         assert m["status"] == "finished" and 0.0 <= m["val_top1"] <= 1.0
+    again = CliRunner().invoke(main, scale_args)  # the same scale again: nothing retrained; the human view
+    assert again.exit_code == 0, again.output
+    assert f"next: orch ui --scale {out['scale_id']}" in again.stdout and "Scatter Plot" in again.stdout
+    assert "GMACs (log)" not in again.stdout  # not a terminal: no chart
 
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("compound-scaling")

@@ -52,6 +52,56 @@ def test_runs_list_and_show_include_scales(scaled):
     assert res.exit_code == 2 and "no search or scale 'nothing-here'" in res.output
 
 
+def in_a_terminal(args: list[str]) -> str:
+    """What `orch ARGS` prints on a pseudo-terminal (stdout and stderr both on it)."""
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdin=slave, stdout=slave, stderr=slave,
+                         env=dict(os.environ, COLUMNS="100"))
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its side
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.wait(timeout=60) == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_the_family_chart_is_drawn_in_a_terminal_only(scaled):
+    scaled.upsert_scale_run("scale-abc", "B1", phi=1.0, **(ROW | {"gmacs": 0.041}), val_top1=0.5, mlflow_run_id="run-b1")
+    shown = in_a_terminal(["runs", "show", "scale-abc"])
+    assert "scale-abc: val top-1 against GMACs" in shown and "GMACs (log)" in shown
+    chart = shown.split("val top-1 against GMACs")[1]
+    assert chart.count("●") == 2 + 2 and " B0" in chart and "B1 " in chart  # legend, a labelled point per member
+    assert "official B0-B7 shape" in chart  # a compound plan gets the paper's family as reference
+    assert "\x1b[" not in chart  # the chart itself has no colour codes
+    as_json = in_a_terminal(["runs", "show", "scale-abc", "--json"])
+    assert "GMACs (log)" not in as_json and json.loads(as_json)["id"] == "scale-abc"
+    piped = CliRunner().invoke(main, ["runs", "show", "scale-abc"])  # not a terminal
+    assert piped.exit_code == 0 and "B1" in piped.output and "GMACs (log)" not in piped.output
+
+
+def test_the_official_shape_is_anchored_at_b0():
+    from orchestrator.chart import OFFICIAL_TOP1, family_chart, official_shape
+
+    xs, ys = official_shape(0.01, 0.5, up_to=0.03)
+    assert xs[0] == pytest.approx(0.01) and ys[0] == pytest.approx(0.5)  # starts at the user's B0
+    assert xs[-1] >= 0.03 > xs[-2] and ys == sorted(ys)  # up to the family's reach, rising
+    err_ratio = (100 - OFFICIAL_TOP1[1]) / (100 - OFFICIAL_TOP1[0])
+    assert ys[1] == pytest.approx(1 - 0.5 * err_ratio)  # B1's error is the official B1's share of B0's
+    assert family_chart([{"name": "B0", "gmacs": 0.01, "val_top1": 0.5}], title="t", reference=True) is None
+    assert family_chart([{"name": "B0", "gmacs": 0.01, "val_top1": None}, {"name": "B1", "gmacs": 0.02,
+                                                                          "val_top1": 0.4}], title="t",
+                        reference=True) is None  # members without an accuracy are left out
+
+
 def test_ui_serves_on_loopback_and_prints_the_comparison(scaled, home):
     port = _free_port()
     env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true")
