@@ -68,3 +68,22 @@ def test_trial_defaults_quick():
     lines = _run("trial_defaults.py")
     row = lines[-1].split()
     assert row[:5] == ["40", "64", "0.1", "1", "256"] and 0.0 <= float(row[-3]) <= 1.0, lines[-3:]
+
+
+def test_demo_family_quick():
+    lines = _run("demo_family.py")
+    assert re.match(r"seed 1: winner α=[\d.]+ .* B0 \d+px .* (rising|not rising); \d+ s$", lines[-3]), lines[-3:]
+    assert "--batch-size 16" in lines[-2]  # it read the demo's own commands from the Makefile
+    assert re.match(r"families whose val top-1 rises with φ: [01] of 1;", lines[-1])
+
+
+def test_demo_family_reads_the_makefile(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import demo_family
+
+    cmds = demo_family.demo_commands()
+    assert cmds["search"][:2] == ["--trials", "4"] and cmds["scale"][:2] == ["--from-run", "latest"]
+    bad = tmp_path / "Makefile"
+    bad.write_text("demo: venv\n\t$(ORCH) search --trials 1\n")
+    with pytest.raises(SystemExit, match="expected search and scale"):
+        demo_family.demo_commands(bad)
