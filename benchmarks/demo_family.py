@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: --quick: the same commands cut down (later options win in click)
 QUICK = {"search": ["--synthetic-size", "128", "64", "--epochs", "1", "--trials", "2", "--base-resolution", "32",
                     "--confirm-top", "0"],
-         "scale": []}
+         "scale": ["--phis", "1"]}
 
 
 def demo_commands(makefile: Path = ROOT / "Makefile") -> dict[str, list[str]]:
