@@ -12,17 +12,16 @@ new user runs; `--seed N` is added to the search (the scale inherits it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from orchrun import ROOT, orch, orch_env
+
 #: --quick: the same commands cut down (later options win in click)
 QUICK = {"search": ["--synthetic-size", "128", "64", "--epochs", "1", "--trials", "2", "--base-resolution", "32",
                     "--confirm-top", "0"],
@@ -45,14 +44,6 @@ def demo_commands(makefile: Path = ROOT / "Makefile") -> dict[str, list[str]]:
     return out
 
 
-def orch(args: list[str], env: dict) -> dict:
-    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--json"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"orch {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one seed on a tiny task (CI)")
@@ -63,8 +54,7 @@ def main() -> None:
     families = []
     for seed in seeds:
         with tempfile.TemporaryDirectory(prefix="orch-demo-family-") as tmp:
-            env = dict(os.environ, ORCH_HOME=str(Path(tmp) / "home"), MLFLOW_DISABLE_TELEMETRY="true")
-            env.pop("RAY_ADDRESS", None)
+            env = orch_env(Path(tmp) / "home")
             t0 = time.monotonic()
             search = orch(["search", *cmds["search"], *(QUICK["search"] if args.quick else []), "--seed", str(seed)], env)
             scale_args = [a if a != "latest" else search["search_id"] for a in cmds["scale"]]

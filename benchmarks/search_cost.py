@@ -21,10 +21,8 @@ the full budget (both means over the 3 seeds).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,13 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def orch(args: list[str], env: dict) -> dict:
-    res = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args, "--json"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(f"orch {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout)
+from orchrun import orch, orch_env  # noqa: E402 - benchmarks/orchrun.py
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -97,8 +89,7 @@ def main() -> None:
             "--no-paper-point"]
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="orch-search-cost-") as tmp:
-        env = dict(os.environ, ORCH_HOME=str(Path(tmp) / "home"), MLFLOW_DISABLE_TELEMETRY="true")
-        env.pop("RAY_ADDRESS", None)
+        env = orch_env(Path(tmp) / "home")
         grid_ids = [orch(["search", *task, "--space", "grid", "--grid-step", str(args.grid_step), "--tolerance", "0.1",
                           "--grace-epochs", str(args.epochs), "--confirm-top", "0", "--seed", str(s)], env)["search_id"]
                     for s in range(args.grid_seeds)]
