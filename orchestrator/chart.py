@@ -64,12 +64,12 @@ def family_chart(models: list[dict], *, title: str, reference: bool) -> str | No
     return plt.uncolorize(plt.build())
 
 
-def print_family(models: list[dict], *, title: str, reference: bool) -> None:
-    """Print the chart to stdout when it is a terminal (a pipe or a file gets only the table)."""
+def print_family(scale_id: str, models: list[dict], *, reference: bool) -> None:
+    """Print a scale's chart to stdout when it is a terminal (a pipe or a file gets only the table)."""
     import sys
 
     if not sys.stdout.isatty():
         return
-    text = family_chart(models, title=title, reference=reference)
+    text = family_chart(models, title=f"{scale_id}: val top-1 against GMACs", reference=reference)
     if text:
         print(text, flush=True)

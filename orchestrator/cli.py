@@ -420,7 +420,7 @@ class SearchProgress(LiveProgress):
 @click.option("--dataset", default="synthetic", show_default=True, callback=_dataset,
               help="'synthetic' (generated, no download) or 'imagefolder:PATH' (PATH/train/<class>/…, PATH/val/<class>/…).")
 @click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
-              help=f"B0's input size for the task. Default 224; {defaults.SYNTHETIC_BASE_RESOLUTION} for the synthetic task "
+              help=f"B0's input size for the task. Default {scaling.B0_RESOLUTION}; {defaults.SYNTHETIC_BASE_RESOLUTION} for the synthetic task "
               "(its images are 64px).")
 @click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=defaults.BATCH_SIZE,
               show_default=True, help="Training batch size per trial.")
@@ -820,7 +820,7 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
                                         f"now, {len(s['done_before'])} earlier, {s['wall_s']:.0f}s wall"))
         from orchestrator.chart import print_family
 
-        print_family(models, title=f"{outcome.scale_id}: val top-1 against GMACs", reference=opts.mode == "compound")
+        print_family(outcome.scale_id, models, reference=opts.mode == "compound")
         out.print(f"next: orch ui --scale {outcome.scale_id}   then open {url}\n"
                   f"  there: Scatter Plot, X-axis gmacs, Y-axis val_top1_final (the family); the parent run "
                   f"{outcome.scale_id} holds family.png under Artifacts", highlight=False)
@@ -989,7 +989,7 @@ def _show_scale(store, sc, as_json: bool) -> None:
     out.print(_models_table(models, "models"))
     from orchestrator.chart import print_family
 
-    print_family(models, title=f"{sc.id}: val top-1 against GMACs", reference=c.get("mode") == "compound")
+    print_family(sc.id, models, reference=c.get("mode") == "compound")
 
 
 # --------------------------------------------------------------------------- orch ui
