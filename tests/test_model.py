@@ -42,6 +42,8 @@ def test_a_few_steps_reduce_loss_on_a_fixed_batch():
 def test_eval_is_deterministic_and_train_drops_paths():
     torch.manual_seed(0)
     model = build_model(dict(TINY_SPEC, drop_path=0.9, dropout=0.0))
+    for block in model.blocks:  # a trained network's branches are not zero (at init they are)
+        torch.nn.init.ones_(block.project[1].weight)
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     assert torch.equal(model(x), model(x))
@@ -51,6 +53,17 @@ def test_eval_is_deterministic_and_train_drops_paths():
     torch.manual_seed(2)
     b = model(x)
     assert not torch.allclose(a, b)
+
+
+def test_residual_blocks_start_as_the_identity():
+    """Zero γ in each residual block's last BatchNorm: a deeper member starts as a shallower one."""
+    torch.manual_seed(0)
+    model = build_model(scaling.network_spec(1.4, 1.0, 40, num_classes=10)).eval()
+    residual = [b for b in model.blocks if b.residual]
+    assert residual and all(not b.project[1].weight.any() for b in residual)
+    assert all(b.project[1].weight.all() for b in model.blocks if not b.residual)
+    x = torch.randn(2, residual[0].project[0].out_channels, 10, 10)
+    assert torch.equal(residual[0](x), x)
 
 
 def test_b0_structure_and_params():

@@ -14,7 +14,8 @@ Layer choices follow the TF reference (``efficientnet_model.py``): MBConv = 1x1 
 (skipped when the ratio is 1) -> depthwise kxk -> squeeze-and-excitation whose bottleneck is
 ``se * block input channels`` -> 1x1 projection without activation; residual + stochastic depth
 when stride is 1 and channels match; SiLU; BatchNorm with TF momentum 0.99 (PyTorch 0.01) and
-eps 1e-3; drop-path rate growing linearly with block index.
+eps 1e-3; drop-path rate growing linearly with block index. One departure, for short budgets: a
+residual block's projection BatchNorm starts at zero (see ``_init_weights``).
 """
 
 from __future__ import annotations
@@ -154,6 +155,14 @@ class EfficientNet(nn.Module):
                 bound = 1.0 / m.in_features**0.5
                 nn.init.uniform_(m.weight, -bound, bound)
                 nn.init.zeros_(m.bias)
+        # The last BatchNorm of every residual block starts at zero (Goyal et al., 2017, "zero γ";
+        # timm's zero_init_last): each block starts as the identity, so a deeper member trains as
+        # fast early on as a shallow one. Measured on the synthetic task (3 CPU epochs, seed 1):
+        # B0/B1/B2 0.72/0.35/0.54 val top-1 without, 0.98/0.87/0.95 with; the deeper members'
+        # train loss had stalled (2.5 for B2 against 1.2 for B0).
+        for block in self.blocks:
+            if block.residual:
+                nn.init.zeros_(block.project[1].weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
