@@ -277,8 +277,10 @@ def compound_plan(
     all_phis = ([0.0] if baseline and 0.0 not in phis else []) + list(phis)
     for phi in all_phis:
         d, w, r = coeffs.multipliers(phi)
-        # B0 runs at the task's own base; scaled members are rounded to a multiple of 8.
-        res = base_resolution if phi == 0 else round_resolution(base_resolution * r)
+        # B0 runs at the task's own base; a scaled member at base·γ^φ to the nearest pixel, never
+        # below the base: the search's rule, so B1 is exactly the network the search trained and
+        # measured (a multiple of 8 is a 20% step at a 40 px base and moved B1 off 2x B0's FLOPs).
+        res = max(base_resolution, int(round(base_resolution * r)))
         spec = network_spec(d, w, res, num_classes=num_classes, dropout=compound_dropout(phi))
         entries.append(
             PlanEntry(phi_name(phi), phi, d, w, res, coeffs.flops_factor**phi, spec)

@@ -49,7 +49,8 @@ def test_fractional_phis_and_small_base(runner):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert [r["name"] for r in rows] == ["B0.5", "B1.5"]
-    assert all(r["resolution"] % 8 == 0 for r in rows)
+    # 64·1.15^φ to the nearest pixel: 68.6 -> 69 and 79.0 -> 79
+    assert [r["resolution"] for r in rows] == [round(64 * 1.15 ** p) for p in (0.5, 1.5)]
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,8 @@ def test_search_and_scale_on_postgresql_and_a_tracking_server(ray_session, home,
     assert len(runs2) == len(runs) and all(r.info.status != "RUNNING" for r in runs2)
     store = ResultsStore(db_url)  # the results are in PostgreSQL, one row per trial and per model
     assert len(store.trials(search["search_id"])) == 2 and len(store.scale_runs(out["scale_id"])) == 2
+    b1 = next(r for r in store.scale_runs(out["scale_id"]) if r.model == "B1")
+    assert b1.network_key == search["best"]["network_key"]  # B1 is the network the search trained
     store.close()
 
 

@@ -98,9 +98,11 @@ def test_compound_plan_uses_powers_and_rounds_resolution():
     plan = scaling.compound_plan(scaling.Coefficients(1.2, 1.1, 1.15), [1, 2], base_resolution=224)
     assert [e.name for e in plan] == ["B0", "B1", "B2"]
     assert plan[0].resolution == 224
-    assert plan[1].resolution == 256  # 224 * 1.15 = 257.6
+    assert plan[1].resolution == 258  # 224 * 1.15 = 257.6, to the nearest pixel as the search does
+    assert plan[2].resolution == 296  # 224 * 1.15**2 = 296.24
     assert plan[2].theory_factor == pytest.approx(scaling.constraint_value(1.2, 1.1, 1.15) ** 2)
-    assert all(e.resolution % 8 == 0 for e in plan[1:])
+    small = scaling.compound_plan(scaling.Coefficients(1.2, 1.1, 1.15), [1, 2], base_resolution=40)
+    assert [e.resolution for e in small] == [40, 46, 53]  # a multiple of 8 would be 48 and 56
     no_base = scaling.compound_plan(scaling.Coefficients(1.2, 1.1, 1.15), [0.5], baseline=False)
     assert [e.name for e in no_base] == ["B0.5"]
 
