@@ -18,7 +18,7 @@ EPOCHS = 2
 SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 1536, 512, 10
 #: B0's input size for the synthetic task (its images are 64 px). The high-frequency class of each
 #: pair (64/3.6 ≈ 17.8 cycles per image) lies above the Nyquist limit of 32 px (16) and below that
-#: of 40 px (20): at 32 a 2x-B0 candidate cannot tell the pair apart and default trials ended near
-#: 0.2 top-1; at 40 they learn, and resolution can still grow within 2x B0, which the measured
-#: FLOPs constraint does not allow at 32.
+#: of 40 px (20): at 32 default trials ended near 0.2 top-1 (before zero-γ blocks; with them B0
+#: reached 0.94-0.97 at 34 px in 2 epochs); at 40 resolution can still grow within 2x B0, which
+#: the measured FLOPs constraint does not allow at 32.
 SYNTHETIC_BASE_RESOLUTION = 40
