@@ -171,6 +171,13 @@ def round_resolution(resolution: float, divisor: int = RESOLUTION_DIVISOR) -> in
     return max(divisor, int(round(resolution / divisor)) * divisor)
 
 
+def resolution_for(base_resolution: int, gamma: float) -> int:
+    """The input side for a resolution multiplier γ (γ^φ for a member): base·γ to the nearest whole
+    pixel, never below the base. The search's candidates and a compound plan's members both use
+    it, so a scale's B1 is exactly the network the search trained and measured."""
+    return max(int(base_resolution), int(round(base_resolution * gamma)))
+
+
 def network_spec(
     depth: float,
     width: float,
@@ -277,10 +284,9 @@ def compound_plan(
     all_phis = ([0.0] if baseline and 0.0 not in phis else []) + list(phis)
     for phi in all_phis:
         d, w, r = coeffs.multipliers(phi)
-        # B0 runs at the task's own base; a scaled member at base·γ^φ to the nearest pixel, never
-        # below the base: the search's rule, so B1 is exactly the network the search trained and
-        # measured (a multiple of 8 is a 20% step at a 40 px base and moved B1 off 2x B0's FLOPs).
-        res = max(base_resolution, int(round(base_resolution * r)))
+        # B0 runs at the task's own base; a scaled member at the search's whole-pixel rule (a
+        # multiple of 8 is a 20% step at a 40 px base and moved B1 off 2x B0's FLOPs).
+        res = base_resolution if phi == 0 else resolution_for(base_resolution, r)
         spec = network_spec(d, w, res, num_classes=num_classes, dropout=compound_dropout(phi))
         entries.append(
             PlanEntry(phi_name(phi), phi, d, w, res, coeffs.flops_factor**phi, spec)

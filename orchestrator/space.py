@@ -85,11 +85,6 @@ class Candidate:
         return (self.alpha, self.beta, self.gamma) == scaling.PAPER_POINT
 
 
-def resolution_for(base_resolution: int, gamma: float) -> int:
-    """The input side for γ: base·γ to the nearest whole pixel, never below the base."""
-    return max(int(base_resolution), int(round(base_resolution * gamma)))
-
-
 @lru_cache(maxsize=64)
 def _b0_macs(base_resolution: int, num_classes: int) -> int:
     from workers.cost import count
@@ -115,7 +110,7 @@ def _build(alpha: float, beta: float, resolution: int, base_resolution: int, num
 def candidate(alpha: float, beta: float, gamma: float, *, base_resolution: int, num_classes: int) -> Candidate:
     """B0 scaled once (φ = 1) by (α, β, γ) at the task's base resolution, as given (no solving):
     what a trial trains from its config, and the paper's point."""
-    res = resolution_for(base_resolution, gamma)
+    res = scaling.resolution_for(base_resolution, gamma)
     spec = scaling.network_spec(alpha, beta, res, num_classes=num_classes, dropout=scaling.compound_dropout(1.0))
     return Candidate(alpha, beta, gamma, spec, _ratio(alpha, beta, res, base_resolution, num_classes))
 
@@ -125,7 +120,7 @@ def solve(alpha: float, beta: float | None, gamma: float, *, base_resolution: in
     """The candidate for a proposal: as proposed if its counted FLOPs ratio is within
     ``tolerance`` of 2 (``beta`` None: always solve), else depth and resolution kept and the
     width solved; ``violation`` > 0 if no width ≥ 1 gets within (see the module docstring)."""
-    res = resolution_for(base_resolution, gamma)
+    res = scaling.resolution_for(base_resolution, gamma)
     lo_ok, hi_ok = TARGET * (1 - tolerance), TARGET * (1 + tolerance)
     proposed = (alpha, beta, gamma)
     if beta is not None:
