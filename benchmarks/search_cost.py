@@ -7,7 +7,7 @@ grow within 2x), two ways:
 - `orch search` (TPE + ASHA + de-duplication + confirmation of the top 3 with 2 fresh seeds)
   run with 5 different seeds.
 
-    python benchmarks/search_cost.py            # estimated ~45 minutes on 2 CPU cores (not yet run at full size)
+    python benchmarks/search_cost.py            # 32 minutes on 2 CPU cores (2026-11-30; README)
     python benchmarks/search_cost.py --quick    # a few minutes' worth, cut down (CI)
 
 Prints, for each search: its cost as a fraction of the grid's (trial epochs, and CPU seconds in
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--grid-seeds", type=int, default=3)
     ap.add_argument("--grid-step", type=float, default=0.1)
     # 512 images at batch 32 (16 steps an epoch, the rate scaled linearly from the default 0.1 at 64):
-    # the largest task that keeps 17 grid networks x 3 seeds plus 5 searches near an estimated 45 minutes here
+    # the largest task that keeps the grid's 16 networks x 3 seeds plus 5 searches near 30 minutes here (32, measured)
     ap.add_argument("--size", type=int, nargs=2, default=(512, 256), metavar=("TRAIN", "VAL"))
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
