@@ -1,5 +1,5 @@
 """How often the saved driver state of a running search would restore wrong: Tune's own copy in the
-storage against orch's copy (orchestrator/tunestate.py).
+storage against orch's copy (orchestrator/raytune/state.py).
 
     python benchmarks/statecopy.py              # an 8-trial × 2-epoch search, read every few ms
     python benchmarks/statecopy.py --quick      # 2 trials × 1 epoch (what CI runs)
@@ -60,7 +60,7 @@ def main() -> None:
     if args.quick:
         args.trials, args.epochs = 2, 1
 
-    from orchestrator import tunestate
+    from orchestrator.raytune import state as tunestate
 
     counts = {"Tune's": [0, 0, {}], "orch's": [0, 0, {}]}  # reads, torn, why -> how often
     with tempfile.TemporaryDirectory(prefix="orch-statecopy-") as tmp:

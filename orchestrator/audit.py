@@ -15,7 +15,8 @@ and ``benchmarks/faults.py`` run it after every resume.
 
 from __future__ import annotations
 
-from orchestrator.tracking import EPOCH_METRICS, STATUS, same_value
+from orchestrator.status import MLFLOW_STATUS as STATUS, Status
+from orchestrator.tracking import EPOCH_METRICS, same_value
 
 
 def disagreements(store, tracker, *, search_id: str | None = None, scale_id: str | None = None) -> list[str]:
@@ -43,7 +44,7 @@ def disagreements(store, tracker, *, search_id: str | None = None, scale_id: str
             continue
         if run.status == "RUNNING":
             out.append(f"{what}: run {run.run_id} ({run.tags.get('mlflow.runName')}) is RUNNING and no row names it")
-        elif run.tags.get("orch.status") != "discarded":
+        elif run.tags.get("orch.status") != Status.DISCARDED:
             out.append(f"{what}: run {run.run_id} has no row and is not marked discarded")
     return out
 

@@ -8,8 +8,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.errors import InputError
 
-class ClusterError(Exception):
+
+class ClusterError(InputError):
     """The cluster cannot run what was asked; the message says why and what to do."""
 
 

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 from orchestrator import faultpoint, scaling
-from orchestrator.tracking import EPOCH_METRICS
+from orchestrator.ctrlc import CtrlC
+from orchestrator.errors import InputError, OrchError
+from orchestrator.recorder import Recorder, Unit, now
+from orchestrator.status import Status
 from workers import defaults
 from orchestrator.home import driver_alive, driver_token
 
@@ -42,11 +45,11 @@ MIN_BATCH = 8
 POLL_S = 0.5
 
 
-class ScaleInputError(ValueError):
+class ScaleInputError(InputError):
     """The source or the plan cannot be scaled; the message says why and what to do."""
 
 
-class ScaleFailed(Exception):
+class ScaleFailed(OrchError):
     def __init__(self, scale_id: str, reason: str):
         super().__init__(f"scale {scale_id} failed: {reason}")
         self.scale_id, self.reason = scale_id, reason
@@ -75,7 +78,7 @@ def resolve_source(store, ref: str) -> Source:
     """Find what ``--from-run`` names. Raises ScaleInputError with the reason otherwise."""
     if ref == "latest":
         for s in store.list_searches(1000):
-            if s.status == "finished" and s.best_trial_id:
+            if s.status == Status.FINISHED and s.best_trial_id:
                 return _from_search(store, s, "search")
         raise ScaleInputError(f"no finished search in {store.masked_url}; run `orch search` first")
     s = store.get_search(ref) or store.find_search_by_mlflow_run(ref)
@@ -89,9 +92,9 @@ def resolve_source(store, ref: str) -> Source:
     t = store.get_trial(ref)
     if t is not None:
         search = store.get_search(t.search_id)
-        if search.status == "running":
+        if search.status == Status.RUNNING:
             raise ScaleInputError(f"trial {ref}'s search {search.id} is still running; wait for it to end")
-        if t.status not in ("finished", "stopped") or t.val_top1 is None:
+        if not Status(t.status).trained or t.val_top1 is None:
             raise ScaleInputError(f"trial {ref} is {t.status}{': ' + t.error if t.error else ''}; "
                                   f"scale a trial that trained (see `orch runs show {search.id}`)")
         return Source(search, t, "trial")
@@ -99,9 +102,9 @@ def resolve_source(store, ref: str) -> Source:
 
 
 def _from_search(store, s, via: str) -> Source:
-    if s.status == "running":
+    if s.status == Status.RUNNING:
         raise ScaleInputError(f"search {s.id} is still running; wait for it to finish, then scale it")
-    if s.status == "failed":
+    if s.status == Status.FAILED:
         raise ScaleInputError(f"search {s.id} failed ({s.error or 'no reason recorded'}); scale a finished search, "
                               f"or one of its trials by trial id (see `orch runs show {s.id}`)")
     if not s.best_trial_id:
@@ -109,11 +112,15 @@ def _from_search(store, s, via: str) -> Source:
     trial = next((t for t in store.trials(s.id) if t.trial_id == s.best_trial_id), None)
     if trial is None:
         raise ScaleInputError(f"search {s.id} names winner {s.best_trial_id}, which is not in the store")
-    note = f"search {s.id} was interrupted; scaling its best finished trial" if s.status == "interrupted" else None
+    note = f"search {s.id} was interrupted; scaling its best finished trial" if s.status == Status.INTERRUPTED else None
     return Source(s, trial, via, note=note)
 
 
 # --------------------------------------------------------------------------- the plan
+
+
+#: What a scale's stored config holds beside its options: the coefficients and what they came from.
+SCALE_SOURCE_KEYS = ("alpha", "beta", "gamma", "search_id", "trial_id")
 
 
 @dataclass
@@ -147,6 +154,53 @@ class ScaleOptions:
         d = asdict(self)
         d["synthetic_size"] = list(self.synthetic_size) if self.synthetic_size else None
         return d
+
+    @classmethod
+    def inherit(cls, source: Source, *, gpu_memory_gb: float | None, **given) -> "ScaleOptions":
+        """The options of a scale of ``source``: each one given (not None) wins; else the earlier
+        scale's when ``source`` names a scale, else the search's, else the default. ``seed`` is
+        always the search's; the synthetic task's size follows the search's data."""
+        from orchestrator.search import options_of
+
+        cfg = options_of(source.search).as_config()  # strict: an option this orch does not know is an error
+        prev = (source.scale.config or {}) if source.scale else {}
+        unknown = sorted(set(prev) - set(cls.__dataclass_fields__) - set(SCALE_SOURCE_KEYS))
+        if unknown:
+            raise ScaleInputError(f"scale {source.scale.id} was stored with options this orch does not know "
+                                  f"({', '.join(unknown)}); scale its search instead, or use the orch that made it")
+        base = cls()
+
+        def pick(name, fallback=None):
+            if given.get(name) is not None:
+                return given[name]
+            return prev.get(name, cfg.get(name, getattr(base, name) if fallback is None else fallback))
+
+        dataset = pick("dataset")
+        syn = prev.get("synthetic_size", cfg.get("synthetic_size")) if dataset == cfg.get("dataset", "synthetic") else None
+        workers = given.get("gpus_per_job") or given.get("workers_per_job")
+        if workers is None:
+            workers = int(prev.get("workers", 1)) if source.scale else 1
+        from workers.datasets import DatasetError, num_classes_of
+
+        try:
+            num_classes = num_classes_of(dataset)
+        except DatasetError as e:  # the search's data, inherited, is gone or changed since
+            raise ScaleInputError(f"the dataset of {source.search.id} cannot be read ({e}); pass --dataset") from None
+        return cls(
+            mode=given.get("mode") or prev.get("mode", base.mode),
+            phis=given["phis"] if given.get("phis") is not None else prev.get("phis", base.phis),
+            baseline=given["baseline"] if given.get("baseline") is not None else prev.get("baseline", base.baseline),
+            epochs=pick("epochs"), dataset=dataset,
+            base_resolution=pick("base_resolution", scaling.default_base_resolution(dataset)),
+            num_classes=num_classes, batch_size=pick("batch_size"), lr=pick("lr"),
+            batch_rule=given.get("batch_rule") or prev.get("batch_rule", base.batch_rule),
+            gpu_memory_gb=gpu_memory_gb, workers=workers, seed=int(cfg.get("seed", 0)),
+            synthetic_size=tuple(syn) if syn else None, gpus=given.get("gpus"), gpus_per_job=given.get("gpus_per_job"),
+            workers_per_job=given.get("workers_per_job") or 1,
+            cpus_per_worker=given.get("cpus_per_worker") or base.cpus_per_worker,
+            max_failures=given["max_failures"] if given.get("max_failures") is not None else base.max_failures,
+            experiment=given.get("experiment") or base.experiment,
+        )
 
 
 def batch_and_lr(flops_ratio: float, *, base_batch: int, base_lr: float, workers: int, rule: str,
@@ -237,27 +291,16 @@ def scale_id_for(source: Source, coeffs: scaling.Coefficients, opts: ScaleOption
 
 
 @dataclass
-class ModelState:
-    row: dict  # the plan row
-    status: str = "pending"  # pending | running | finished | failed | interrupted | done-before
-    history: dict = field(default_factory=dict)  # epoch -> metrics
-    run_id: str | None = None
-    error: str | None = None
-    started_at: object = None
-    ended_at: object = None
+class ModelState(Unit):
+    """A model of the plan as the driver follows it (``id``: its name)."""
+
+    row: dict = field(default_factory=dict)  # the plan row
     wall_s: float | None = None
     earlier: bool = False  # finished by an earlier run of this scale
 
     @property
     def name(self) -> str:
-        return self.row["name"]
-
-    @property
-    def epochs_done(self) -> int:
-        return max(self.history, default=0)
-
-    def last(self, key: str):
-        return self.history[self.epochs_done].get(key) if self.history else None
+        return self.id
 
 
 @dataclass
@@ -273,51 +316,45 @@ class ScaleOutcome:
 
 class ScaleRun:
     """The driver of one scale: launches jobs as resources allow, collects their reports, and
-    writes the store and MLflow from this one thread."""
+    records them (``orchestrator.recorder``) from this one thread."""
 
     def __init__(self, scale_id: str, source: Source, coeffs: scaling.Coefficients, opts: ScaleOptions,
                  plan: list[dict], *, store, tracker, on_change: Callable[[list], None] | None = None):
         self.scale_id, self.source, self.coeffs, self.opts, self.plan = scale_id, source, coeffs, opts, plan
         self.store, self.tracker, self.on_change = store, tracker, on_change
-        self.models = [ModelState(row) for row in plan]
-        self.parent: str | None = None
-        self.rerun = False  # the scale existed: a model's run may exist with no row yet
+        self.models = [ModelState(row["name"], row=row) for row in plan]
+        self.rec: Recorder | None = None
+
+    @property
+    def parent(self) -> str | None:
+        return self.rec.parent if self.rec else None
 
     # -- setup: the scale's row and parent run, and what earlier runs already trained
     def open(self) -> None:
         existing = self.store.get_scale(self.scale_id)
+        if existing is not None and existing.status == Status.RUNNING and driver_alive(existing.driver):
+            raise ScaleInputError(f"scale {self.scale_id} is being run by process {existing.driver}; "
+                                  f"wait for it, or stop it first", usage=False)
         config = self.opts.as_config() | {"alpha": self.coeffs.alpha, "beta": self.coeffs.beta,
                                           "gamma": self.coeffs.gamma, "search_id": self.source.search.id,
                                           "trial_id": self.source.trial.trial_id}
         plan_rows = [{k: v for k, v in r.items() if k != "spec"} for r in self.plan]
-        def parent_run(adopt: bool) -> str:
-            return self.tracker.start_run(
-                self.scale_id, adopt={"orch.kind": "scale", "orch.scale_id": self.scale_id} if adopt else None,
-                params={k: v for k, v in config.items() if v is not None and k != "phis"}
-                | {"phis": ",".join(f"{p:g}" for p in self.opts.phis)},
-                tags={"orch.kind": "scale", "orch.scale_id": self.scale_id, "orch.search_id": self.source.search.id,
-                      "orch.trial_id": self.source.trial.trial_id,
-                      "orch.search_run_id": self.source.search.mlflow_run_id or ""},
-            )
-
-        self.rerun = existing is not None
+        self.rec = Recorder(self.store, self.tracker, kind="model", scope={"orch.scale_id": self.scale_id},
+                            unit_tag="orch.model", write_row=self._write, adopt=existing is not None)
         if existing is None:
             # The row first, then the run: a driver killed in between leaves a scale that the same
             # command finds again (and which adopts the run), never a run that nothing knows.
             self.store.create_scale(self.scale_id, search_id=self.source.search.id,
                                     trial_id=self.source.trial.trial_id, config=config, plan=plan_rows,
                                     driver=driver_token())
-            self.parent = parent_run(adopt=False)
-        else:
-            if existing.status == "running" and driver_alive(existing.driver):
-                raise ScaleInputError(f"scale {self.scale_id} is being run by process {existing.driver}; "
-                                      f"wait for it, or stop it first")
-            self.parent = existing.mlflow_run_id
-            if self.parent:
-                self.tracker.reopen(self.parent)
-            else:
-                self.parent = parent_run(adopt=True)
-        self.store.update_scale(self.scale_id, status="running", finished_at=None, error=None,
+        identity = {"orch.kind": "scale", "orch.scale_id": self.scale_id}
+        self.rec.open_parent(
+            self.scale_id, run_id=existing.mlflow_run_id if existing else None,
+            adopt=identity if existing else None,
+            params={k: v for k, v in config.items() if k != "phis"} | {"phis": ",".join(f"{p:g}" for p in self.opts.phis)},
+            tags=identity | {"orch.search_id": self.source.search.id, "orch.trial_id": self.source.trial.trial_id,
+                             "orch.search_run_id": self.source.search.mlflow_run_id or ""})
+        self.store.update_scale(self.scale_id, status=Status.RUNNING, finished_at=None, error=None,
                                 driver=driver_token(), plan=plan_rows, mlflow_run_id=self.parent)
         done = {r.model: r for r in self.store.scale_runs(self.scale_id)}
         for m in self.models:
@@ -328,20 +365,17 @@ class ScaleRun:
             m.run_id = prev.mlflow_run_id
             m.started_at = prev.started_at
             if finished_before(prev, self.opts.epochs):
-                m.status, m.earlier, m.ended_at = "finished", True, prev.ended_at
-        if self.rerun:  # a dead driver may have recorded a model's end and died before ending its run
-            open_runs = set(self.tracker.find_runs({"orch.scale_id": self.scale_id, "orch.kind": "model"},
-                                                   running_only=True))
+                m.status, m.earlier, m.ended_at = Status.FINISHED, True, prev.ended_at
+        if existing is not None:  # a dead driver may have recorded a model's end and died before ending its run
+            open_runs = self.rec.open_runs()
             for m in self.models:
                 if m.earlier and m.run_id in open_runs:
-                    hist = [m.history[e] for e in sorted(m.history)]
-                    self.tracker.settle(m.run_id, "finished", hist, EPOCH_METRICS, self._summary(hist),
-                                        {"orch.status": "finished"})
+                    self.rec.settle(m)
         self._changed()
 
     @property
     def pending(self) -> list[ModelState]:
-        return [m for m in self.models if m.status != "finished"]
+        return [m for m in self.models if m.status != Status.FINISHED]
 
     # -- the jobs
     def run(self, *, cluster, resources, storage_path: str | Path) -> None:
@@ -354,21 +388,23 @@ class ScaleRun:
         queue = list(self.pending)
         in_flight: dict = {}  # ObjectRef -> ModelState
         try:
-            while queue or in_flight:
-                while queue and len(in_flight) < resources.concurrency:
-                    m = queue.pop(0)
-                    ref = fit_job.options(**on_driver_node()).remote(
-                        m.name, self._train_cfg(m), workers=resources.workers, use_gpu=resources.use_gpu,
-                        resources_per_worker=resources.per_worker, storage_path=str(storage_path),
-                        run_name=f"{self.scale_id}-{m.name}", board=board, max_failures=self.opts.max_failures)
-                    in_flight[ref] = m
-                    self._start(m)
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
-                self._apply(ray.get(board.drain.remote()))
-                for ref in ready:
-                    m = in_flight.pop(ref)
-                    self._apply(ray.get(board.drain.remote()))  # every report of the job is on the board
-                    self._end(m, ray.get(ref))
+            with CtrlC() as ctrl_c:
+                while queue or in_flight:
+                    ctrl_c.check()  # a Ctrl-C that a library call swallowed still stops the scale
+                    while queue and len(in_flight) < resources.concurrency:
+                        m = queue.pop(0)
+                        ref = fit_job.options(**on_driver_node()).remote(
+                            m.name, self._train_cfg(m), workers=resources.workers, use_gpu=resources.use_gpu,
+                            resources_per_worker=resources.per_worker, storage_path=str(storage_path),
+                            run_name=f"{self.scale_id}-{m.name}", board=board, max_failures=self.opts.max_failures)
+                        in_flight[ref] = m
+                        self._start(m)
+                    ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_S)
+                    self._apply(ray.get(board.drain.remote()))
+                    for ref in ready:
+                        m = in_flight.pop(ref)
+                        self._apply(ray.get(board.drain.remote()))  # every report of the job is on the board
+                        self._end(m, ray.get(ref))
         except BaseException:
             for ref, m in in_flight.items():
                 ray.cancel(ref, force=True)
@@ -377,7 +413,7 @@ class ScaleRun:
             except Exception:
                 pass
             for m in in_flight.values():
-                self._stop(m, "interrupted", "the scale stopped before this model finished")
+                self._stop(m, Status.INTERRUPTED, "the scale stopped before this model finished")
             raise
         finally:
             try:
@@ -387,29 +423,20 @@ class ScaleRun:
 
     def _train_cfg(self, m: ModelState) -> dict:
         o = self.opts
-        return {"spec": m.row["spec"], "dataset": o.dataset, "epochs": o.epochs, "batch_size": m.row["batch_size"],
-                "lr": m.row["lr"], "seed": o.seed, "data_seed": o.seed,
-                "synthetic_size": list(o.synthetic_size) if o.synthetic_size else None}
+        return defaults.Training(o.dataset, o.epochs, m.row["batch_size"], m.row["lr"], o.seed, o.seed,
+                                 o.synthetic_size).config() | {"spec": m.row["spec"]}
 
     def _start(self, m: ModelState) -> None:
         r = m.row
-        m.status, m.error, m.started_at = "running", None, m.started_at or _now()
-        if m.run_id is None:
-            m.run_id = self.tracker.start_run(
-                m.name, parent_id=self.parent,
-                adopt={"orch.scale_id": self.scale_id, "orch.model": m.name} if self.rerun else None,
-                params={"phi": r["phi"], "alpha": self.coeffs.alpha, "beta": self.coeffs.beta,
-                        "gamma": self.coeffs.gamma, "depth_mult": r["depth_mult"], "width_mult": r["width_mult"],
-                        "resolution": r["resolution"], "batch_size": r["batch_size"], "lr": r["lr"],
-                        "workers": r["workers"], "network_key": r["network_key"], "dataset": self.opts.dataset,
-                        "epochs": self.opts.epochs, "seed": self.opts.seed, "mode": self.opts.mode,
-                        "scale_id": self.scale_id, "search_id": self.source.search.id},
-                tags={"orch.kind": "model", "orch.scale_id": self.scale_id, "orch.model": m.name},
-            )
-            self.tracker.log(m.run_id, [("gmacs", r["gmacs"], 0), ("params_m", r["params_m"], 0),
-                                        ("flops_ratio", r["flops_ratio"], 0)])
-        else:  # a re-run continues the model's run
-            self.tracker.reopen(m.run_id)
+        self.rec.start(
+            m, name=m.name, tags={},
+            params={"phi": r["phi"], "alpha": self.coeffs.alpha, "beta": self.coeffs.beta,
+                    "gamma": self.coeffs.gamma, "depth_mult": r["depth_mult"], "width_mult": r["width_mult"],
+                    "resolution": r["resolution"], "batch_size": r["batch_size"], "lr": r["lr"],
+                    "workers": r["workers"], "network_key": r["network_key"], "dataset": self.opts.dataset,
+                    "epochs": self.opts.epochs, "seed": self.opts.seed, "mode": self.opts.mode,
+                    "scale_id": self.scale_id, "search_id": self.source.search.id},
+            metrics=[("gmacs", r["gmacs"], 0), ("params_m", r["params_m"], 0), ("flops_ratio", r["flops_ratio"], 0)])
         self._write(m)
         self._changed()
 
@@ -430,7 +457,7 @@ class ScaleRun:
             touched.setdefault(m.name, []).append(head)
         for name, new in touched.items():
             m = next(x for x in self.models if x.name == name)
-            self.tracker.log(m.run_id, [(k, h[k], int(h["epoch"])) for h in new for k in EPOCH_METRICS if k in h])
+            self.rec.epochs(m, new)
             self._write(m)
             faultpoint.reached("model-reported")
         if touched:
@@ -439,49 +466,26 @@ class ScaleRun:
     def _end(self, m: ModelState, result: dict) -> None:
         m.wall_s = result.get("wall_s")
         if not result["ok"]:
-            self._stop(m, "failed", result["error"])
+            self._stop(m, Status.FAILED, result["error"])
             return
         if m.epochs_done < self.opts.epochs:
-            self._stop(m, "failed", f"the job ended after {m.epochs_done} of {self.opts.epochs} epochs")
+            self._stop(m, Status.FAILED, f"the job ended after {m.epochs_done} of {self.opts.epochs} epochs")
             return
-        m.status, m.ended_at = "finished", _now()
-        self.tracker.log(m.run_id, self._summary([m.history[e] for e in sorted(m.history)]),
-                         tags={"orch.status": "finished"})
-        self.tracker.end(m.run_id, "finished")
+        self.rec.end(m, Status.FINISHED)
         faultpoint.reached("model-ended")
-        self._write(m)
         self._changed()
 
-    @staticmethod
-    def _summary(hist: list[dict]) -> list[tuple[str, float, int]]:
-        """A finished model's closing metrics, at its last epoch."""
-        tops = [h["val_top1"] for h in hist]
-        ips = [h["images_per_s"] for h in hist if "images_per_s" in h]
-        last = int(hist[-1]["epoch"])
-        return [("val_top1_final", tops[-1], last), ("best_val_top1", max(tops), last),
-                ("train_s", sum(h.get("train_s", 0.0) for h in hist), last),
-                ("images_per_s_mean", sum(ips) / len(ips) if ips else None, last)]
-
     def _stop(self, m: ModelState, status: str, error: str) -> None:
-        m.status, m.error, m.ended_at = status, error, _now()
-        if m.run_id:
-            self.tracker.log(m.run_id, tags={"orch.status": status, "orch.error": (error or "")[:5000]})
-            self.tracker.end(m.run_id, status)
-        self._write(m)
+        self.rec.end(m, status, error)
         self._changed()
 
     def _write(self, m: ModelState) -> None:
-        r = m.row
-        hist = [m.history[e] for e in sorted(m.history)]
-        tops = [h["val_top1"] for h in hist if "val_top1" in h]
+        r, f = m.row, m.figures()
+        f.pop("peak_mem_mb")
         self.store.upsert_scale_run(
             self.scale_id, m.name, phi=r["phi"], depth_mult=r["depth_mult"], width_mult=r["width_mult"],
             resolution=r["resolution"], network_key=r["network_key"], params=r["params"], gmacs=r["gmacs"],
-            batch_size=r["batch_size"], lr=r["lr"], workers=r["workers"], status=m.status,
-            epochs_done=m.epochs_done, val_top1=tops[-1] if tops else None, best_val_top1=max(tops) if tops else None,
-            train_loss=m.last("train_loss"), train_s=sum(h.get("train_s", 0.0) for h in hist) if hist else None,
-            images_per_s=m.last("images_per_s"), history=hist, mlflow_run_id=m.run_id, error=m.error,
-            started_at=m.started_at, ended_at=m.ended_at)
+            batch_size=r["batch_size"], lr=r["lr"], workers=r["workers"], **f)
 
     def _changed(self) -> None:
         if self.on_change:
@@ -489,26 +493,25 @@ class ScaleRun:
 
     # -- the end: summary, plot, plan.json, statuses
     def close(self, *, interrupted: bool, wall_s: float, error: str | None = None) -> ScaleOutcome:
-        for m in self.models:
-            if m.status in ("pending", "running"):
-                self._stop(m, "interrupted" if interrupted else "failed",
-                           error or "the scale stopped before this model finished")
-        failed = [m for m in self.models if m.status == "failed"]
+        if self.rec.close(self.models, interrupted=interrupted, error=error):
+            self._changed()
+        failed = [m for m in self.models if m.status == Status.FAILED]
         if interrupted:
-            status = "interrupted"
+            status = Status.INTERRUPTED
         elif failed or error:
-            status = "failed"
+            status = Status.FAILED
             error = error or "; ".join(f"{m.name}: {m.error}" for m in failed)
         else:
-            status = "finished"
-        finished = [m for m in self.models if m.status == "finished"]
+            status = Status.FINISHED
+        finished = [m for m in self.models if m.status == Status.FINISHED]
         summary = {
             "error": error,
             "wall_s": round(wall_s, 3),
             "n_models": len(self.models),
             "trained_now": [m.name for m in finished if not m.earlier],
             "done_before": [m.name for m in finished if m.earlier],
-            "by_status": {s: sum(1 for m in self.models if m.status == s) for s in sorted({m.status for m in self.models})},
+            "by_status": {str(s): sum(1 for m in self.models if m.status == s)
+                          for s in sorted({m.status for m in self.models})},
             "models": [model_entry(m) for m in self.models],
         }
         self.tracker.log_text(self.parent, json.dumps(
@@ -519,11 +522,9 @@ class ScaleRun:
             indent=2), "plan.json")
         if finished:
             self._log_plot(finished)
-        self.tracker.log(self.parent, [("wall_s", wall_s, 0), ("models_finished", len(finished), 0)]
-                         + [(f"val_top1_{m.name}", m.last("val_top1"), 0) for m in finished],
-                         tags={"orch.status": status})
-        self.tracker.end(self.parent, status)
-        self.store.update_scale(self.scale_id, status=status, finished_at=_now(), summary=summary, error=error)
+        self.rec.end_parent(status, [("wall_s", wall_s, 0), ("models_finished", len(finished), 0)]
+                            + [(f"val_top1_{m.name}", m.last("val_top1"), 0) for m in finished])
+        self.store.update_scale(self.scale_id, status=status, finished_at=now(), summary=summary, error=error)
         return ScaleOutcome(self.scale_id, self.parent, self.source.search.id, self.source.trial.trial_id, status,
                             self.models, summary)
 
@@ -586,23 +587,17 @@ def run_scale(runner: ScaleRun, *, cluster=None, resources=None, storage_path: s
     except Exception as e:
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     outcome = runner.close(interrupted=interrupted, wall_s=time.monotonic() - t0, error=error)
-    if outcome.status == "failed":
+    if outcome.status == Status.FAILED:
         raise ScaleFailed(runner.scale_id, outcome.summary.get("error") or error or "a model failed")
     return outcome
 
 
 def finished_before(run, epochs: int) -> bool:
     """A stored scale_runs row that needs no more training."""
-    return run.status == "finished" and run.epochs_done >= epochs
+    return run.status == Status.FINISHED and run.epochs_done >= epochs
 
 
 def pending_models(store, scale_id: str, plan: list[dict], epochs: int) -> list[str]:
     """The plan's models an earlier run of this scale has not finished."""
     done = {r.model for r in store.scale_runs(scale_id) if finished_before(r, epochs)}
     return [r["name"] for r in plan if r["name"] not in done]
-
-
-def _now():
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)

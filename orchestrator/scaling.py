@@ -171,6 +171,13 @@ def round_resolution(resolution: float, divisor: int = RESOLUTION_DIVISOR) -> in
     return max(divisor, int(round(resolution / divisor)) * divisor)
 
 
+def default_base_resolution(dataset: str) -> int:
+    """B0's input size when none is given: the synthetic task's own, else the paper's 224."""
+    from workers.defaults import SYNTHETIC_BASE_RESOLUTION
+
+    return SYNTHETIC_BASE_RESOLUTION if dataset == "synthetic" else B0_RESOLUTION
+
+
 def resolution_for(base_resolution: int, gamma: float) -> int:
     """The input side for a resolution multiplier γ (γ^φ for a member): base·γ to the nearest whole
     pixel, never below the base. The search's candidates and a compound plan's members both use

@@ -155,10 +155,6 @@ def flops_constraint(trial) -> tuple[float]:
     return (float(trial.user_attrs.get(VIOLATION_ATTR, 0.0)),)
 
 
-def _gamma_max(alpha: float) -> float:
-    return max(1.0, math.sqrt(TARGET / alpha))
-
-
 @lru_cache(maxsize=4096)
 def max_resolution(alpha: float, base_resolution: int, num_classes: int, tolerance: float = FLOPS_TOLERANCE) -> int:
     """The largest input side at which depth α still fits the budget at width 1 (counted FLOPs

@@ -14,17 +14,19 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from orchestrator.errors import OrchError
+from orchestrator.status import MLFLOW_STATUS
+
 #: How long an unreachable tracking server may keep `orch` waiting before it gives up.
 CONNECT_TIMEOUT_S = 10.0
 #: The per-epoch metrics of every trial's and model's run (the store keeps them in each row's history).
 EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s", "peak_mem_mb")
-#: An ended unit's store status -> its MLflow run status.
-STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED", "killed": "KILLED",
-          "infeasible": "KILLED"}
 
 
-class TrackingError(Exception):
+class TrackingError(OrchError):
     """The tracking store cannot be used; the message says why and what to do."""
+
+    usage, param = True, "--tracking-uri"
 
 
 def mask_uri(uri: str) -> str:
@@ -199,7 +201,7 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
 
     def end(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status=STATUS.get(status, status))
+        self.client.set_terminated(run_id, status=MLFLOW_STATUS.get(status, status))
 
     def runs(self, tags: dict) -> list["RunView"]:
         """The runs carrying all these tags, with their status and tags."""
@@ -272,3 +274,116 @@ def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
     runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
     exps = quote(json.dumps([str(experiment_id)], separators=(",", ":")))
     return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` resolves to is a loopback one."""
+    import ipaddress
+
+    try:
+        return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback
+                   for info in socket.getaddrinfo(host.strip("[]"), None))
+    except (OSError, ValueError):
+        return False
+
+
+class UIServer:
+    """The MLflow UI (``mlflow server``) on a local tracking store, as a context manager: it
+    starts the process, waits until the UI answers (``base`` is its URL) and stops it at exit.
+    Failures to start are OrchErrors that say why (a taken port at once, before MLflow's ~20 s
+    start)."""
+
+    START_TIMEOUT_S = 90
+    STOP_TIMEOUT_S = 10
+
+    def __init__(self, uri: str, artifact_root: Path, host: str, port: int):
+        self.uri, self.artifact_root, self.host, self.port = uri, artifact_root, host, port
+        self.base = f"http://{host}:{port}"
+        self.proc = self._log = None
+
+    def __enter__(self) -> "UIServer":
+        import subprocess
+        import sys
+        import tempfile
+
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((self.host, self.port))
+            except OSError as e:
+                raise OrchError(f"the MLflow UI did not start on {self.base}: {e.strerror or e}; "
+                                f"if the port is taken, pick another with --port") from None
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri,
+               "--default-artifact-root", Path(self.artifact_root).resolve().as_uri(),
+               "--host", self.host, "--port", str(self.port), "--workers", "1"]
+        self._log = tempfile.TemporaryFile(mode="w+")
+        # Its own process group: MLflow's server runs uvicorn and job-runner children, which
+        # stop with it only when the whole group is signalled (see __exit__).
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        try:
+            self._wait_up()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_up(self) -> None:
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:  # it exited: say why (the line that tells)
+                self._log.seek(0)
+                lines = [ln.strip() for ln in self._log.read().splitlines() if ln.strip()]
+                why = next((ln for ln in reversed(lines) if "address already in use" in ln.lower()),
+                           lines[-1] if lines else "")
+                raise OrchError(f"the MLflow UI did not start on {self.base}: {why[:300]}; "
+                                f"if the port is taken, pick another with --port")
+            try:
+                check_reachable(self.base, timeout=1)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise OrchError(f"the MLflow UI did not answer on {self.base} within "
+                                    f"{self.START_TIMEOUT_S}s; see --port") from None
+
+    def wait(self) -> None:
+        """Until the server ends or Ctrl-C (KeyboardInterrupt), never missing the latter."""
+        from orchestrator.ctrlc import CtrlC
+
+        with CtrlC() as ctrl_c:
+            ctrl_c.wait(self.proc)
+
+    def __exit__(self, *exc) -> None:
+        """Stop the server and every process it started: SIGTERM to its group, SIGKILL to what
+        is left after STOP_TIMEOUT_S (measured: `mlflow server` alone ignored SIGTERM for 15 s
+        and left its uvicorn and job-runner children running)."""
+        import signal
+        import subprocess
+
+        if self.proc is not None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    break
+                try:
+                    self.proc.wait(timeout=self.STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    continue
+                if not _group_alive(self.proc.pid, self.STOP_TIMEOUT_S):
+                    break
+        if self._log is not None:
+            self._log.close()
+
+
+def _group_alive(pgid: int, within: float) -> bool:
+    """Whether processes of group ``pgid`` are still running after up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)

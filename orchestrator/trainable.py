@@ -52,9 +52,6 @@ class NetworkRegistry:
         for key, trial_id, history in trained:
             self.owner[key], self.outcome[key] = trial_id, history
 
-    def snapshot(self) -> dict:
-        return {"owner": dict(self.owner), "outcome": dict(self.outcome)}
-
 
 def registry_name(search_id: str) -> str:
     return f"orch-registry-{search_id}"

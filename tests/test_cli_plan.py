@@ -84,7 +84,24 @@ def test_bad_input_is_a_click_error(runner, args, says):
     assert len(error_lines) == 1 and says in error_lines[0], res.output
 
 
-COMMANDS = [[], ["plan"], ["search"], ["runs"], ["runs", "list"], ["runs", "show"], ["db"], ["db", "upgrade"], ["db", "current"]]
+def every_command(group=main, path=()) -> list[list[str]]:
+    """The root and every command and group under it, found by walking the CLI (so a command
+    added later is covered without editing this list)."""
+    import click
+
+    out = [list(path)]
+    for name, cmd in group.commands.items():
+        out += every_command(cmd, path + (name,)) if isinstance(cmd, click.Group) else [list(path + (name,))]
+    return out
+
+
+COMMANDS = every_command()
+HEAVY = "('torch', 'ray', 'mlflow', 'sqlalchemy', 'optuna', 'alembic', 'rich', 'numpy')"
+
+
+def test_every_command_is_covered():
+    names = {" ".join(c) for c in COMMANDS}
+    assert {"", "plan", "search", "scale", "ui", "runs list", "runs show", "db upgrade", "db current"} <= names
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "orch")
@@ -94,9 +111,30 @@ def test_help_imports_nothing_heavy(cmd):
         "import sys\n"
         "from orchestrator.cli import main\n"
         f"try:\n    main({cmd + ['--help']!r})\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "heavy = [m for m in ('torch', 'ray', 'mlflow', 'sqlalchemy', 'optuna', 'alembic') if m in sys.modules]\n"
+        f"heavy = [m for m in {HEAVY} if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "Usage:" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["search", "--dataset", "synthetic", "--epochs", "1", "--grace-epochs", "2"],
+    ["search", "--gpus", "1", "--gpus-per-trial", "2"],
+    ["scale", "--from-run", "latest", "--dataset", "synthetic", "--gpus", "0", "--gpus-per-job", "1"],
+    ["scale", "--from-run", "latest", "--gpus-per-job", "1", "--workers-per-job", "2"],
+], ids=["search", "search-gpus", "scale", "scale-workers"])
+def test_parsing_arguments_imports_nothing_heavy(argv, tmp_path):
+    # Every option is parsed and checked (the dataset callback included), and the cross-option
+    # check refuses the command before its body runs: nothing heavy may be loaded by then.
+    code = (
+        "import sys\n"
+        "from orchestrator.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as e:\n    assert e.code == 2, e.code\n"
+        f"heavy = [m for m in {HEAVY} if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("Error:") == 1, out.stderr

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from benchmarks.faults import crash as sigkill
 from benchmarks.faults import spawn
-from orchestrator import space, tunestate
+from orchestrator import space
+from orchestrator.raytune import state as tunestate
 from orchestrator.audit import disagreements
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
@@ -71,7 +72,7 @@ def study_trials(experiment_dir: Path):
 
 def tear(experiment_dir: Path) -> None:
     """What a driver killed during Tune's upload of its state leaves in the storage, as measured
-    (orchestrator/tunestate.py): a trial list older than the generator's count of trials
+    (orchestrator/raytune/state.py): a trial list older than the generator's count of trials
     created, and a file cut off. Restored from these, Tune ran fewer trials than asked, or
     none."""
     state = sorted(experiment_dir.glob("experiment_state-*.json"))[-1]
@@ -383,8 +384,8 @@ def stored(home):
     """Searches as a killed driver leaves them (status running), written with the real store."""
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
 
-    def make(search_id: str, **config):
-        store.create_search(search_id, search_id, {"trials": 2, "epochs": 1, **config})
+    def make(search_id: str, **runtime):  # runtime: the columns a driver writes (driver, storage_path)
+        store.create_search(search_id, search_id, {"trials": 2, "epochs": 1}, **runtime)
         return search_id
 
     yield make
@@ -458,7 +459,7 @@ def test_resume_before_tune_saved_anything_starts_afresh_under_the_same_id(ray_s
                          confirm_top=0)
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", opts.experiment, home / "mlartifacts")
-    store.create_search("search-early", "early", opts.as_config() | {"storage_path": str(home / "ray")})
+    store.create_search("search-early", "early", opts.as_config(), storage_path=str(home / "ray"))
     parent = tracker.start_run("early", tags={"orch.kind": "search", "orch.search_id": "search-early"})
     begun = tracker.start_run("t-begun", parent_id=parent)
     store.upsert_trial("search-early", "t-begun", alpha=1.2, beta=1.1, gamma=1.15, network_key="k", resolution=40,
@@ -552,7 +553,7 @@ def test_a_search_killed_during_its_confirmation_resumes_it(tmp_path):
     sigkill(p)  # reap what it left
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     (search,) = store.list_searches()
-    assert search.config["phase"] == "confirm" and len(search.config["confirm"]) == 2
+    assert search.phase == "confirm" and len(search.confirm) == 2
     before = [t for t in store.trials(search.id) if t.phase == "search"]
 
     env.pop("ORCH_KILL_AT")
@@ -564,7 +565,7 @@ def test_a_search_killed_during_its_confirmation_resumes_it(tmp_path):
     confirm = [t for t in trials if t.phase == "confirm"]
     assert len(confirm) == 4 and all(t.status == "finished" for t in confirm)
     assert sorted((t.network_key, t.seed) for t in confirm) == sorted(
-        (c["network_key"], s) for c in search.config["confirm"] for s in (1000, 2000))
+        (c["network_key"], s) for c in search.confirm for s in (1000, 2000))
     conf = out["summary"]["confirmation"]
     assert [len(c["seeds"]) for c in conf["candidates"]] == [2, 2] and out["best"]["trial_id"] == conf["winner"]
     tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}", "compound-scaling")

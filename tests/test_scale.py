@@ -155,6 +155,30 @@ def test_bad_input_fails_before_anything_launches(home, store, args, says):
     assert not (home / "mlflow.db").exists()  # no MLflow run was created either
 
 
+def test_stored_options_this_orch_does_not_know_are_named(home, store):
+    # A search or an earlier scale stored with an option this orch lacks (a newer orch's, a
+    # hand-edited row) is refused with the option's name, not scaled with it silently dropped.
+    store.create_search("s-newer", "newer", CONFIG | {"mixup": 0.2})
+    store.upsert_trial("s-newer", "t-newer", alpha=1.3, beta=1.1, gamma=1.1, status="finished", val_top1=0.6, **TRIAL)
+    store.update_search("s-newer", status="finished", best_trial_id="t-newer")
+    res = _scale(["--from-run", "s-newer", "--dry-run"])
+    assert res.exit_code == 2 and "does not know (mixup)" in error_line(res), res.output
+    store.create_scale("scale-newer", search_id="s-done", trial_id="t-win", plan=[],
+                       config={"mode": "compound", "alpha": 1.3, "beta": 1.1, "gamma": 1.1, "warmup_epochs": 5})
+    res = _scale(["--from-run", "scale-newer", "--dry-run"])
+    assert res.exit_code == 2 and "does not know (warmup_epochs)" in error_line(res), res.output
+    assert "--from-run" in error_line(res)
+
+
+def test_a_search_whose_data_is_gone_says_to_pass_dataset(home, store, tmp_path):
+    store.create_search("s-gone", "gone", CONFIG | {"dataset": f"imagefolder:{tmp_path / 'moved'}"})
+    store.upsert_trial("s-gone", "t-gone", alpha=1.3, beta=1.1, gamma=1.1, status="finished", val_top1=0.6, **TRIAL)
+    store.update_search("s-gone", status="finished", best_trial_id="t-gone")
+    res = _scale(["--from-run", "s-gone", "--dry-run"])
+    assert res.exit_code == 2 and "the dataset of s-gone cannot be read" in error_line(res), res.output
+    assert "pass --dataset" in error_line(res) and "Traceback" not in res.output
+
+
 def test_dry_run_prints_the_plan_and_launches_nothing(home, store):
     res = CliRunner().invoke(main, ["scale", "--from-run", "s-done", "--phis", "1-2", "--dry-run"])
     assert res.exit_code == 0, res.output

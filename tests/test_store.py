@@ -212,10 +212,36 @@ def test_past_revision_fixture_upgrades_to_head(tmp_path):
         assert [s.id for s in store.list_searches()] == ["search-old"]
         trials = store.trials("search-old")
         assert [t.trial_id for t in trials] == ["t1", "t2"]
-        # columns added since have their defaults: search phase, not the paper point, no cost yet
-        assert all(t.phase == "search" and t.off_surface is False and t.activations_m is None for t in trials)
+        if rev < "0003":  # columns added since have their defaults: search phase, not the paper point, no cost yet
+            assert all(t.phase == "search" and t.off_surface is False and t.activations_m is None for t in trials)
         assert [s.id for s in store.list_scales()] == (["scale-old"] if rev >= "0002" else [])
+        search = store.get_search("search-old")
+        if rev < "0004":  # runtime state moved out of the config (0004): a config is options only
+            from orchestrator.search import SearchOptions, options_of
+
+            assert set(search.config) <= set(SearchOptions.__dataclass_fields__), search.config
+            assert options_of(search).epochs == 2
+        if rev == "0003":  # ... into its columns
+            assert (search.driver, search.resumes, search.storage_path, search.concurrency, search.gpus_per_trial) \
+                == ("host-a:123", 2, "/data/ray", 4, 0.5)
+            assert search.phase == "confirm" and [c["trial_id"] for c in search.confirm] == ["t2"]
+            assert search.grid == {"points": 30, "networks": 12, "infeasible": 5}
+            assert "extra" not in search.config and search.config["seed"] == 3
+        else:  # older searches had none of it: the columns' defaults
+            assert (search.driver, search.resumes, search.phase, search.grid) == (None, 0, "search", None)
         store.close()
+
+
+def test_a_stored_config_is_read_strictly(tmp_path):
+    # A key this orch does not know is named, not dropped: resuming with it would run other options.
+    from orchestrator.errors import InputError
+    from orchestrator.search import options_of
+
+    store = ResultsStore(f"sqlite:///{tmp_path / 'o.db'}")
+    store.create_search("s1", "s1", {"epochs": 2, "dataset": "synthetic", "warp_factor": 9})
+    with pytest.raises(InputError, match=r"does not know \(warp_factor\); resume it with the orch that started it"):
+        options_of(store.get_search("s1"))
+    store.close()
 
 
 def test_past_revision_upgrades_on_postgresql(createdb):
@@ -246,5 +272,5 @@ def test_migrations_have_exactly_one_head_and_a_linear_history():
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [head_revision()]
     revs = list(script.walk_revisions())
-    assert [r.revision for r in reversed(revs)] == ["0001", "0002", "0003"]
+    assert [r.revision for r in reversed(revs)] == ["0001", "0002", "0003", "0004"]
     assert all(len(r.nextrev) <= 1 for r in revs)  # no branches

@@ -1,4 +1,4 @@
-"""orch's copy of Tune's driver state (orchestrator/tunestate.py), on real files: what it takes
+"""orch's copy of Tune's driver state (orchestrator/raytune/state.py), on real files: what it takes
 from Tune's staging folder, what it puts back, and what it refuses. The search that kills a
 driver and tears Tune's own copy is in tests/test_faults.py."""
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pyarrow.fs
 import pytest
 
-from orchestrator import tunestate
+from orchestrator.raytune import state as tunestate
 
 OLD, NEW, LATER = "2026-11-27_10-00-00", "2026-11-27_11-00-00", "2026-11-27_12-00-00"
 

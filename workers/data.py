@@ -16,7 +16,6 @@ scale and clutter make depth and width matter. Pixel noise keeps the task from s
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,15 +24,12 @@ from torch.nn import functional as F
 
 #: Native resolution of the synthetic images before resizing to a trial's resolution.
 SYNTHETIC_NATIVE = 64
+from workers.datasets import (  # noqa: F401 - re-exported: the torch-free part of this module
+    IMAGE_SUFFIXES, DatasetError, num_classes_of, parse_spec, scan_imagefolder,
+)
 from workers.defaults import SYNTHETIC_CLASSES, SYNTHETIC_TRAIN, SYNTHETIC_VAL  # noqa: F401 - re-exported
-#: Image suffixes read by ``imagefolder``.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 #: Datasets above this many pixels*images are refused for the in-memory uint8 cache (~4 GiB).
 MAX_CACHE_BYTES = 4 << 30
-
-
-class DatasetError(ValueError):
-    """A dataset spec or folder the user gave cannot be used; the message says why."""
 
 
 @dataclass
@@ -53,50 +49,6 @@ class Dataset:
     val: Split
     # Synthetic classes are told apart by texture orientation, which a mirror would change.
     flip: bool = True
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """``synthetic`` -> ("synthetic", None); ``imagefolder:PATH`` -> ("imagefolder", PATH)."""
-    if spec == "synthetic":
-        return "synthetic", None
-    if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
-        return "imagefolder", spec[len("imagefolder:"):]
-    raise DatasetError(f"unknown dataset {spec!r}: use 'synthetic' or 'imagefolder:PATH'")
-
-
-def scan_imagefolder(root: str | os.PathLike) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
-    """Classes and (file, label) lists of ``root/train/<class>/*`` and ``root/val/<class>/*``.
-
-    Raises:
-        DatasetError: a missing folder, no classes, an empty split, or val classes not in train.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"image folder {str(root)!r} does not exist; give a folder with train/ and val/ inside")
-    splits = {}
-    classes: list[str] = []
-    for split in ("train", "val"):
-        d = root / split
-        if not d.is_dir():
-            raise DatasetError(f"{str(d)!r} is missing; an image folder needs train/<class>/ and val/<class>/")
-        names = sorted(p.name for p in d.iterdir() if p.is_dir())
-        if split == "train":
-            classes = names
-            if len(classes) < 2:
-                raise DatasetError(f"{str(d)!r} has {len(classes)} class folders; it needs at least 2")
-        else:
-            extra = sorted(set(names) - set(classes))
-            if extra:
-                raise DatasetError(f"{str(d)!r} has classes not in train/: {extra}")
-        files = []
-        for label, name in enumerate(classes):
-            cdir = d / name
-            if cdir.is_dir():
-                files += [(p, label) for p in sorted(cdir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        if not files:
-            raise DatasetError(f"{str(d)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        splits[split] = files
-    return classes, splits
 
 
 def _load_images(files: list[tuple[Path, int]], resolution: int) -> Split:
@@ -220,13 +172,6 @@ def load(spec: str, resolution: int, *, seed: int = 0, synthetic_size: tuple[int
         _CACHE.clear()
     _CACHE[key] = ds
     return ds
-
-
-def num_classes_of(spec: str) -> int:
-    kind, path = parse_spec(spec)
-    if kind == "synthetic":
-        return SYNTHETIC_CLASSES
-    return len(scan_imagefolder(path)[0])
 
 
 def gpu_augment(x: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""Training and synthetic-task defaults, in one place: ``workers.train`` and ``workers.data`` use
-them, the orchestrator's option classes and the CLI show them. No imports, so the CLI reads them
-without loading torch. How they were chosen: README, "Default trials learn"
-(``benchmarks/trial_defaults.py``)."""
+"""Training and synthetic-task defaults, in one place, and ``Training``: what one trial or one
+scaled model trains on and how. ``workers.train`` and ``workers.data`` run with them, the
+orchestrator's option classes build their ``Training`` here, the CLI shows the defaults. No
+torch, so the CLI reads them while parsing arguments. How they were chosen: README, "Default
+trials learn" (``benchmarks/trial_defaults.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 #: Per-trial (and B0's per-worker) batch: small enough for a CPU, per-step noise helps short runs.
 BATCH_SIZE = 64
@@ -22,3 +27,23 @@ SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 1536, 512, 10
 #: reached 0.94-0.97 at 34 px in 2 epochs); at 40 resolution can still grow within 2x B0, which
 #: the measured FLOPs constraint does not allow at 32.
 SYNTHETIC_BASE_RESOLUTION = 40
+
+
+@dataclass(frozen=True)
+class Training:
+    """What a trial or a scaled model trains on and how. ``config()`` is the part of
+    ``workers.train``'s config it sets (the network spec and the recipe's constants are added
+    there)."""
+
+    dataset: str = "synthetic"  # 'synthetic' or 'imagefolder:PATH'
+    epochs: int = EPOCHS
+    batch_size: int = BATCH_SIZE  # per worker
+    lr: float = LR  # peak SGD-Nesterov rate at batch_size on one worker
+    seed: int = 0  # model init, batch order and augmentation
+    data_seed: int | None = None  # the synthetic task's data; None: seed
+    synthetic_size: tuple[int, int] | None = None  # (train, val) images; None: SYNTHETIC_TRAIN, SYNTHETIC_VAL
+
+    def config(self) -> dict:
+        return {"dataset": self.dataset, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                "seed": self.seed, "data_seed": self.seed if self.data_seed is None else self.data_seed,
+                "synthetic_size": list(self.synthetic_size) if self.synthetic_size else None}

@@ -31,16 +31,12 @@ from workers.model import build_model
 
 DEFAULTS = {
     "spec": None,  # resolved network spec (orchestrator.scaling.network_spec); required
-    "dataset": "synthetic",  # 'synthetic' or 'imagefolder:PATH'
-    "data_seed": 0,  # the synthetic task is a function of this seed
-    "synthetic_size": None,  # (n_train, n_val) to shrink the synthetic task, e.g. in tests
-    "epochs": defaults.EPOCHS,  # maximum epochs; ASHA may stop a trial earlier
-    "batch_size": defaults.BATCH_SIZE,
-    "lr": defaults.LR,  # peak SGD-Nesterov rate; warm-up, then cosine
+    # dataset, data_seed, synthetic_size, epochs (ASHA may stop a trial earlier), batch_size,
+    # lr (peak; warm-up, then cosine), seed: see workers.defaults.Training
+    **defaults.Training().config(),
     "weight_decay": 1e-4,  # on conv/linear weights only; BN and biases are not decayed
     "label_smoothing": 0.1,  # the EfficientNet recipe's value
     "warmup_frac": 0.1,  # linear warm-up over this fraction of all steps, then cosine to 0
-    "seed": 0,  # model init, batch order and augmentation
     "compile": False,  # torch.compile the model (pays off on GPU for long trials)
     "bn_momentum": None,  # None: auto, see _bn_momentum
 }
@@ -116,13 +112,14 @@ def _all_sum(*values: torch.Tensor) -> list[torch.Tensor]:
     return list(t)
 
 
-def _normalize(x_uint8: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def _normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> normalized float, channels_last (the model's memory format)."""
     x = x_uint8.float().div_(255.0).sub_(0.5).div_(0.25)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
-def evaluate(model, split: data_mod.Split, device, *, batch_size: int, channels_last: bool, amp) -> tuple[float, float]:
+def evaluate(model, split: data_mod.Split, device, *, batch_size: int, amp) -> tuple[float, float]:
     """Top-1 and mean loss over ``split``; with several ranks, each takes every world-th image
     and the sums are reduced, so all ranks return the figures of the whole split."""
     model.eval()
@@ -131,7 +128,7 @@ def evaluate(model, split: data_mod.Split, device, *, batch_size: int, channels_
     loss_sum = torch.zeros((), device=device)
     images, labels = split.images[rank::world], split.labels[rank::world]
     for i in range(0, len(images), batch_size):
-        x = _normalize(images[i:i + batch_size], channels_last)
+        x = _normalize(images[i:i + batch_size])
         y = labels[i:i + batch_size]
         with amp():
             logits = model(x)
@@ -171,8 +168,7 @@ def run(
     n_params = sum(p.numel() for p in model.parameters())
     # bf16 autocast on CUDA, fp32 on CPU (bf16 CPU kernels are slower); channels_last on both
     # (depthwise convs run ~3x faster in it on CPU too, measured on 1 core).
-    channels_last = True
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(
         _param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], momentum=0.9, nesterov=True,
         **({"fused": True} if cuda else {}),
@@ -227,7 +223,7 @@ def run(
             for group in opt.param_groups:
                 group["lr"] = cfg["lr"] * _lr_factor(step, total, warmup)
             idx = perm[s * gbs + rank * bs:s * gbs + (rank + 1) * bs]
-            x = data_mod.gpu_augment(_normalize(train_x[idx], channels_last), pad=pad, flip=ds.flip, generator=aug)
+            x = data_mod.gpu_augment(_normalize(train_x[idx]), pad=pad, flip=ds.flip, generator=aug)
             with amp():
                 loss = F.cross_entropy(fwd(x), train_y[idx], label_smoothing=cfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
@@ -243,7 +239,7 @@ def run(
         t1 = time.perf_counter()
         # Several ranks evaluate the bare module: DDP's forward would add collectives whose
         # count depends on each rank's shard size.
-        val_top1, val_loss = evaluate(fwd if world == 1 else model, val, device, batch_size=max(bs, 256), channels_last=channels_last, amp=amp)
+        val_top1, val_loss = evaluate(fwd if world == 1 else model, val, device, batch_size=max(bs, 256), amp=amp)
         eval_s = time.perf_counter() - t1
         if not math.isfinite(val_loss):
             raise TrialDiverged(f"validation loss became {val_loss} in epoch {epoch + 1}; lower the learning rate")

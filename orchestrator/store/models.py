@@ -18,14 +18,25 @@ class Search(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(20))  # running | finished | interrupted | failed
+    status: Mapped[str] = mapped_column(String(20))  # orchestrator.status.Status
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    config: Mapped[dict] = mapped_column(JSON)  # every option the search ran with
+    config: Mapped[dict] = mapped_column(JSON)  # every option the search ran with (SearchOptions), nothing else
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     best_trial_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # winner, timing, efficiency
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # how it runs (0004): the driver running it (host:pid), drivers since the first, where its
+    # checkpoints and Tune state are, its phase (search | confirm), the networks it confirms,
+    # its grid's counts, trials at once and GPUs each
+    driver: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    resumes: Mapped[int] = mapped_column(Integer, default=0)
+    storage_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    phase: Mapped[str] = mapped_column(String(16), default="search")
+    confirm: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    grid: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {points, networks, infeasible}
+    concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gpus_per_trial: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Trial(Base):
@@ -43,7 +54,7 @@ class Trial(Base):
     params: Mapped[int | None] = mapped_column(Integer, nullable=True)
     gmacs: Mapped[float | None] = mapped_column(Float, nullable=True)
     flops_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
-    status: Mapped[str] = mapped_column(String(20))  # see orchestrator.store.STATUSES
+    status: Mapped[str] = mapped_column(String(20))  # orchestrator.status.Status
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)  # last reported epoch
     best_val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -73,7 +84,7 @@ class Scale(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     search_id: Mapped[str] = mapped_column(ForeignKey("searches.id", ondelete="CASCADE"), index=True)
     trial_id: Mapped[str] = mapped_column(String(128))  # the scaled trial (the winner by default)
-    status: Mapped[str] = mapped_column(String(20))  # running | finished | interrupted | failed
+    status: Mapped[str] = mapped_column(String(20))  # orchestrator.status.Status
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     config: Mapped[dict] = mapped_column(JSON)  # the plan's options and coefficients
@@ -103,7 +114,7 @@ class ScaleRun(Base):
     batch_size: Mapped[int] = mapped_column(Integer)  # per worker
     lr: Mapped[float] = mapped_column(Float)
     workers: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(20))  # pending | running | finished | failed | interrupted
+    status: Mapped[str] = mapped_column(String(20))  # orchestrator.status.Status
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     best_val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
+from orchestrator.errors import OrchError
+from orchestrator.status import Status
 from orchestrator.store.models import Base, Scale, ScaleRun, Search, Trial
 
 log = logging.getLogger("orch.store")
@@ -29,7 +31,7 @@ WRITE_RETRIES = 6
 SCHEMA_LOCK_KEY = 0x6F726368
 
 
-class StoreError(Exception):
+class StoreError(OrchError):
     """The results store cannot be used; the message says why and what to do."""
 
 
@@ -88,10 +90,37 @@ class SearchRecord:
     best_trial_id: str | None
     summary: dict | None
     error: str | None
+    driver: str | None = None
+    resumes: int = 0
+    storage_path: str | None = None
+    phase: str = "search"
+    confirm: list | None = None
+    grid: dict | None = None
+    concurrency: int | None = None
+    gpus_per_trial: float | None = None
 
 
 @dataclass(frozen=True)
-class TrialRecord:
+class UnitRecord:
+    """What a trial and a scale's model have in common: how it ran and what it reported
+    (``orchestrator.recorder.Unit.figures``)."""
+
+    status: str
+    epochs_done: int
+    val_top1: float | None  # last reported epoch
+    best_val_top1: float | None
+    train_loss: float | None
+    train_s: float | None  # seconds in training steps
+    images_per_s: float | None  # mean over its epochs
+    history: list  # one dict per epoch
+    mlflow_run_id: str | None
+    error: str | None
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TrialRecord(UnitRecord):
     search_id: str
     trial_id: str
     alpha: float
@@ -102,21 +131,9 @@ class TrialRecord:
     params: int | None
     gmacs: float | None
     flops_ratio: float | None
-    status: str
-    epochs_done: int
-    val_top1: float | None
-    best_val_top1: float | None
-    train_loss: float | None
-    train_s: float | None
-    history: list
     reused_from: str | None
-    mlflow_run_id: str | None
-    error: str | None
-    started_at: datetime | None
-    ended_at: datetime | None
     activations_m: float | None = None
     peak_mem_mb: float | None = None
-    images_per_s: float | None = None
     off_surface: bool = False
     phase: str = "search"
     seed: int | None = None
@@ -139,7 +156,7 @@ class ScaleRecord:
 
 
 @dataclass(frozen=True)
-class ScaleRunRecord:
+class ScaleRunRecord(UnitRecord):
     scale_id: str
     model: str
     phi: float
@@ -152,18 +169,6 @@ class ScaleRunRecord:
     batch_size: int
     lr: float
     workers: int
-    status: str
-    epochs_done: int
-    val_top1: float | None
-    best_val_top1: float | None
-    train_loss: float | None
-    train_s: float | None
-    images_per_s: float | None
-    history: list
-    mlflow_run_id: str | None
-    error: str | None
-    started_at: datetime | None
-    ended_at: datetime | None
 
 
 def _record(cls, row):
@@ -329,15 +334,21 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ searches
 
-    def create_search(self, search_id: str, name: str, config: dict, *, mlflow_run_id: str | None = None) -> SearchRecord:
+    def _create(self, model, record_cls, **values):
+        """A new row, running since now; a duplicate id is a StoreError (nothing written)."""
         def fn(s: Session):
-            row = Search(id=search_id, name=name, status="running", created_at=utcnow(), config=config,
-                         mlflow_run_id=mlflow_run_id)
+            row = model(status=Status.RUNNING, created_at=utcnow(), **values)
             s.add(row)
             s.flush()
-            return _record(SearchRecord, row)
+            return _record(record_cls, row)
 
         return self._write(fn)
+
+    def create_search(self, search_id: str, name: str, config: dict, *, mlflow_run_id: str | None = None,
+                      **runtime) -> SearchRecord:
+        """A new search: ``config`` its options, ``runtime`` how it runs (driver, storage_path, …)."""
+        return self._create(Search, SearchRecord, id=search_id, name=name, config=config, mlflow_run_id=mlflow_run_id,
+                            **runtime)
 
     def update_search(self, search_id: str, **values) -> None:
         self._update(Search, SearchRecord, search_id, values)
@@ -349,20 +360,25 @@ class ResultsStore:
             raise ValueError(f"unknown {model.__tablename__} fields: {sorted(bad)}")
         self._write(lambda s: s.execute(sa.update(model).where(model.id == row_id).values(**values)))
 
-    def get_search(self, search_id: str) -> SearchRecord | None:
+    def _one(self, model, record_cls, *where):
+        """The first row of ``model`` matching ``where``, as a ``record_cls``; None if none."""
         with self.session() as s:
-            row = s.get(Search, search_id)
-            return _record(SearchRecord, row) if row else None
+            row = s.scalars(sa.select(model).where(*where)).first()
+            return _record(record_cls, row) if row else None
+
+    def _newest(self, model, record_cls, limit: int, *where) -> list:
+        with self.session() as s:
+            rows = s.scalars(sa.select(model).where(*where).order_by(model.created_at.desc()).limit(limit)).all()
+            return [_record(record_cls, r) for r in rows]
+
+    def get_search(self, search_id: str) -> SearchRecord | None:
+        return self._one(Search, SearchRecord, Search.id == search_id)
 
     def find_search_by_mlflow_run(self, run_id: str) -> SearchRecord | None:
-        with self.session() as s:
-            row = s.scalars(sa.select(Search).where(Search.mlflow_run_id == run_id)).first()
-            return _record(SearchRecord, row) if row else None
+        return self._one(Search, SearchRecord, Search.mlflow_run_id == run_id)
 
     def list_searches(self, limit: int = 100) -> list[SearchRecord]:
-        with self.session() as s:
-            rows = s.scalars(sa.select(Search).order_by(Search.created_at.desc()).limit(limit)).all()
-            return [_record(SearchRecord, r) for r in rows]
+        return self._newest(Search, SearchRecord, limit)
 
     # ------------------------------------------------------------------ trials
 
@@ -370,7 +386,7 @@ class ResultsStore:
         """Insert the trial or update it in place: one row per (search, trial) however often
         a result is written (retries, resumes)."""
         self._upsert(Trial, TrialRecord, {"search_id": search_id, "trial_id": trial_id},
-                     {"status": "running", "epochs_done": 0, "history": [], "off_surface": False,
+                     {"status": Status.RUNNING, "epochs_done": 0, "history": [], "off_surface": False,
                       "phase": "search"}, values)
 
     def _upsert(self, model, record_cls, key: dict, defaults: dict, values: dict) -> None:
@@ -419,49 +435,31 @@ class ResultsStore:
 
     def get_trial(self, trial_id: str) -> TrialRecord | None:
         """A trial by its Tune trial id or its MLflow run id."""
-        with self.session() as s:
-            row = s.scalars(
-                sa.select(Trial).where(sa.or_(Trial.trial_id == trial_id, Trial.mlflow_run_id == trial_id))
-            ).first()
-            return _record(TrialRecord, row) if row else None
+        return self._one(Trial, TrialRecord, sa.or_(Trial.trial_id == trial_id, Trial.mlflow_run_id == trial_id))
 
     # ------------------------------------------------------------------ scales
 
     def create_scale(self, scale_id: str, *, search_id: str, trial_id: str, config: dict, plan: list,
                      mlflow_run_id: str | None = None, driver: str | None = None) -> ScaleRecord:
-        def fn(s: Session):
-            row = Scale(id=scale_id, search_id=search_id, trial_id=trial_id, status="running", created_at=utcnow(),
-                        config=config, plan=plan, mlflow_run_id=mlflow_run_id, driver=driver)
-            s.add(row)
-            s.flush()
-            return _record(ScaleRecord, row)
-
-        return self._write(fn)
+        return self._create(Scale, ScaleRecord, id=scale_id, search_id=search_id, trial_id=trial_id, config=config,
+                            plan=plan, mlflow_run_id=mlflow_run_id, driver=driver)
 
     def update_scale(self, scale_id: str, **values) -> None:
         self._update(Scale, ScaleRecord, scale_id, values)
 
     def get_scale(self, scale_id: str) -> ScaleRecord | None:
-        with self.session() as s:
-            row = s.get(Scale, scale_id)
-            return _record(ScaleRecord, row) if row else None
+        return self._one(Scale, ScaleRecord, Scale.id == scale_id)
 
     def find_scale_by_mlflow_run(self, run_id: str) -> ScaleRecord | None:
-        with self.session() as s:
-            row = s.scalars(sa.select(Scale).where(Scale.mlflow_run_id == run_id)).first()
-            return _record(ScaleRecord, row) if row else None
+        return self._one(Scale, ScaleRecord, Scale.mlflow_run_id == run_id)
 
     def list_scales(self, limit: int = 100, *, search_id: str | None = None) -> list[ScaleRecord]:
-        with self.session() as s:
-            q = sa.select(Scale).order_by(Scale.created_at.desc()).limit(limit)
-            if search_id:
-                q = q.where(Scale.search_id == search_id)
-            return [_record(ScaleRecord, r) for r in s.scalars(q).all()]
+        return self._newest(Scale, ScaleRecord, limit, *([Scale.search_id == search_id] if search_id else []))
 
     def upsert_scale_run(self, scale_id: str, model: str, **values) -> None:
         """One row per (scale, model), however often it is written (re-runs, resumes)."""
         self._upsert(ScaleRun, ScaleRunRecord, {"scale_id": scale_id, "model": model},
-                     {"status": "pending", "epochs_done": 0, "history": []}, values)
+                     {"status": Status.PENDING, "epochs_done": 0, "history": []}, values)
 
     def scale_runs(self, scale_id: str) -> list[ScaleRunRecord]:
         with self.session() as s:

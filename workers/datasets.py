@@ -1,0 +1,68 @@
+"""What a dataset spec names, without loading it: ``synthetic`` or ``imagefolder:PATH``. No
+torch: the CLI checks ``--dataset`` with it while parsing arguments (``workers.data`` loads).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from workers.defaults import SYNTHETIC_CLASSES
+
+#: Image suffixes read by ``imagefolder``.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class DatasetError(ValueError):
+    """A dataset spec or folder the user gave cannot be used; the message says why."""
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``synthetic`` -> ("synthetic", None); ``imagefolder:PATH`` -> ("imagefolder", PATH)."""
+    if spec == "synthetic":
+        return "synthetic", None
+    if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
+        return "imagefolder", spec[len("imagefolder:"):]
+    raise DatasetError(f"unknown dataset {spec!r}: use 'synthetic' or 'imagefolder:PATH'")
+
+
+def scan_imagefolder(root: str | os.PathLike) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
+    """Classes and (file, label) lists of ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    Raises:
+        DatasetError: a missing folder, no classes, an empty split, or val classes not in train.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {str(root)!r} does not exist; give a folder with train/ and val/ inside")
+    splits = {}
+    classes: list[str] = []
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir():
+            raise DatasetError(f"{str(d)!r} is missing; an image folder needs train/<class>/ and val/<class>/")
+        names = sorted(p.name for p in d.iterdir() if p.is_dir())
+        if split == "train":
+            classes = names
+            if len(classes) < 2:
+                raise DatasetError(f"{str(d)!r} has {len(classes)} class folders; it needs at least 2")
+        else:
+            extra = sorted(set(names) - set(classes))
+            if extra:
+                raise DatasetError(f"{str(d)!r} has classes not in train/: {extra}")
+        files = []
+        for label, name in enumerate(classes):
+            cdir = d / name
+            if cdir.is_dir():
+                files += [(p, label) for p in sorted(cdir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise DatasetError(f"{str(d)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        splits[split] = files
+    return classes, splits
+
+
+def num_classes_of(spec: str) -> int:
+    kind, path = parse_spec(spec)
+    if kind == "synthetic":
+        return SYNTHETIC_CLASSES
+    return len(scan_imagefolder(path)[0])
