@@ -61,6 +61,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, home: Pa
     started = False
     if address and not ray.is_initialized():
         _check_reachable(address)
+        refused = _token_refused(address)
+        if refused:  # at once: Ray itself retries for about 20 s, then says only "failed to connect"
+            raise ClusterError(_token_message(address, refused))
     if not ray.is_initialized():
         kwargs = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
                       include_dashboard=False)
@@ -72,8 +75,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, home: Pa
             else:
                 ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", _temp_dir=temp, **kwargs)
                 started = True
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as e:
             where = address or "a local Ray instance"
+            if address and _refused_for_token(e):
+                raise ClusterError(_token_message(
+                    address, "a token it does not accept" if _token_auth() else "no token")) from None
             raise ClusterError(f"cannot connect to Ray at {where}: {str(e).splitlines()[0]}") from None
     sigterm_as_ctrl_c(force=True)  # ray.init put in Ray's own handler, which just exits
     res = ray.cluster_resources()
@@ -326,6 +332,50 @@ def warn_if_exposed(address: str) -> None:
         print(f"orch: warning: Ray at {gcs} is not on this machine and this connection is not token-"
               f"authenticated: anyone who can reach it can run code on it. Start the cluster with "
               f"RAY_AUTH_MODE=token (deploy/README.md) and set RAY_AUTH_MODE=token here", file=sys.stderr)
+
+
+def _token_message(address: str, sent: str) -> str:
+    return (f"Ray at {address} refused this driver: it uses token authentication and this driver sent {sent}; "
+            f"set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file "
+            f"holding it; deploy/README.md says where each recipe keeps it)")
+
+
+def _token_refused(address: str) -> str | None:
+    """Ask the head's GCS once, with what this driver would send, whether it lets this driver in:
+    None if it does (or the question cannot be asked: ``auto``, a ``ray://`` client address),
+    else what was sent ("no token", "a token it does not accept")."""
+    if address == "auto" or "://" in address:
+        return None
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    metadata: tuple = ()
+    if _token_auth():
+        try:  # the header Ray's own client interceptor adds (Ray is pinned; see pyproject.toml)
+            from ray._private.authentication.grpc_authentication_client_interceptor import (
+                _get_authentication_metadata_tuple,
+            )
+
+            metadata = tuple(_get_authentication_metadata_tuple())
+        except Exception:  # noqa: BLE001 - token mode with no token found: nothing to send
+            metadata = ()
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S, metadata=metadata)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                return "a token it does not accept" if metadata else "no token"
+    return None
+
+
+def _refused_for_token(e: BaseException) -> bool:
+    """Whether connecting failed on the cluster's token check (a missing or wrong token)."""
+    import ray
+
+    text = str(e).lower()
+    return isinstance(e, ray.exceptions.AuthenticationError) or "authentication token" in text \
+        or "unauthenticated" in text
 
 
 def _token_auth() -> bool:

@@ -97,6 +97,11 @@ def test_kuberay_manifests():
     assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
     env = {e["name"]: e for e in head["template"]["spec"]["containers"][0]["env"]}
     assert "secretKeyRef" in env["ORCH_DB_URL"]["valueFrom"]  # credentials from a Secret
+    # token auth by KubeRay's authOptions (>= 1.5.1), with a Secret the README tells how to make
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "orch-ray-token"}
+    readme = (DEPLOY / "README.md").read_text()
+    assert "kubectl create secret generic orch-ray-token --from-literal=auth_token=" in readme
+    assert "KubeRay ≥ 1.5.1" in readme
     for rel, sub in (("kuberay/rayjob-search.yaml", "search"), ("kuberay/rayjob-scale.yaml", "scale")):
         job = _yaml(rel)
         assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
@@ -111,6 +116,12 @@ def test_ray_cluster_launcher_config():
     gpu = [t for t in cfg["available_node_types"].values() if t["resources"].get("GPU", 0) > 0]
     assert gpu and gpu[0]["max_workers"] > gpu[0]["min_workers"]  # autoscaling GPU workers
     assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+    # one token on every node: shipped by file_mounts, read by every `ray start`
+    token = "/home/ubuntu/.ray/orch-cluster-token"
+    assert token in cfg["file_mounts"]
+    for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert "RAY_AUTH_MODE=token" in cmd and "RAY_AUTH_TOKEN_PATH=~/.ray/orch-cluster-token" in cmd, cmd
 
 
 def test_compose_binds_loopback_and_takes_secrets_from_env():
