@@ -17,6 +17,7 @@ from typing import Callable
 from orchestrator import faultpoint, raytune, scaling, space
 from orchestrator.errors import InputError, SearchFailed
 from orchestrator.raytune import state as tunestate
+from orchestrator.recorder import now
 from orchestrator.sink import Sink, tune_trials
 from orchestrator.space import FLOPS_TOLERANCE
 from orchestrator.status import Status
@@ -267,7 +268,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     status = Status.FAILED if error else Status.INTERRUPTED if interrupted else (Status.FINISHED if best else Status.FAILED)
     if status == Status.FAILED:
         error = explain_failure(error, trials, storage_path)
-    store.update_search(search_id, status=status, finished_at=_now(), summary=summary,
+    store.update_search(search_id, status=status, finished_at=now(), summary=summary,
                         best_trial_id=best.trial_id if best else None, error=error)
     _log_outcome(tracker, sink.rec, status, trials, best, summary, wall)
     if error and not interrupted:
@@ -277,12 +278,6 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
 
 def _join(root: str, name: str) -> str:
     return root.rstrip("/") + "/" + name if "://" in root else str(Path(root) / name)
-
-
-def _now():
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)
 
 
 def _open_record(store, rec, opts: SearchOptions, search_id: str, resume: Resume | None, *, storage_path,

@@ -10,11 +10,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Callable
 
 from orchestrator import faultpoint, raytune, space
-from orchestrator.recorder import Recorder, Unit
+from orchestrator.recorder import Recorder, Unit, now
 from orchestrator.status import Status
 
 #: How often the sink flushes queued results (seconds); results are also flushed at trial end.
@@ -90,30 +89,30 @@ class Sink:
 
     # -- called from Tune's callback (driver thread): cheap, never blocks on I/O
     def started(self, trial_id: str, config: dict) -> None:
-        self._q.put(("start", trial_id, dict(config), _now()))
+        self._q.put(("start", trial_id, dict(config), now()))
 
     def result(self, trial_id: str, result: dict) -> None:
-        self._q.put(("result", trial_id, kept(result), _now()))
+        self._q.put(("result", trial_id, kept(result), now()))
         if result.get("epoch") == self.opts.epochs:
             faultpoint.reached("trial-last-report")
 
     def ended(self, trial_id: str, failed: bool, error: str | None = None) -> None:
-        self._q.put(("end", trial_id, (failed, error), _now()))
+        self._q.put(("end", trial_id, (failed, error), now()))
 
     def reconcile(self, tune_trials: list[dict]) -> None:
         """After a resumed fit: Tune's own record of every trial (id, status, error). Ends trials
         Tune ended while no driver listened, and settles rows Tune never saved (started in the
         last moments of a killed driver: Tune and Optuna proposed afresh in their place)."""
-        self._q.put(("reconcile", None, tune_trials, _now()))
+        self._q.put(("reconcile", None, tune_trials, now()))
 
     def sync(self, timeout: float = 120.0) -> None:
         """Wait until every event queued so far is in the store and MLflow."""
         done = threading.Event()
-        self._q.put(("sync", None, done, _now()))
+        self._q.put(("sync", None, done, now()))
         done.wait(timeout)
 
     def close(self, interrupted: bool = False) -> None:
-        self._q.put(("close", None, interrupted, _now()))
+        self._q.put(("close", None, interrupted, now()))
         self._thread.join()
         if self._errors:
             raise self._errors[0]
@@ -346,7 +345,3 @@ def _reported(saved: dict) -> dict:
     if "epoch" in last:
         epochs[int(last["epoch"])] = epochs.get(int(last["epoch"]), {}) | last
     return {"history": [epochs[e] for e in sorted(epochs)], "reused_from": None}
-
-
-def _now():
-    return datetime.now(timezone.utc)

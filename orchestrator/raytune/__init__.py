@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Callable, Protocol
 
 from orchestrator import faultpoint
+from orchestrator.ctrlc import CtrlC
 from orchestrator.raytune import state
 
 #: The listener of each search this driver runs, by search id (see ``_callback_class``).
@@ -211,37 +211,26 @@ def _callback_class():
     return ListenerCallback
 
 
-class _SigintWatch:
+class _SigintWatch(CtrlC):
     """Tells whether Ctrl-C stopped ``Tuner.fit``. Tune installs its own SIGINT handler (a
     graceful stop that saves the experiment) and, when it fires, puts back the handler it found:
     ours. So if ours is current after fit, Tune's fired; if ours is called, a second Ctrl-C
     came (or Tune installed none) and it raises KeyboardInterrupt as usual."""
 
     def __init__(self):
-        self.fired = False
-        self.active = threading.current_thread() is threading.main_thread()
-        self.tune_handles = self.active and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        super().__init__()
+        self.tune_handles = self._active and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
 
-    def _handler(self, signum, frame):
-        self.fired = True
-        raise KeyboardInterrupt
-
-    def __enter__(self):
-        import signal
-
-        if self.active:
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handler)
-        return self
+    @property
+    def fired(self) -> bool:
+        return self.pressed
 
     def __exit__(self, *exc):
         import signal
 
-        if self.active:
-            if self.tune_handles and signal.getsignal(signal.SIGINT) == self._handler:
-                self.fired = True
-            signal.signal(signal.SIGINT, self._previous)
-        return False
+        if self.tune_handles and signal.getsignal(signal.SIGINT) == self._handler:
+            self.pressed = True
+        return super().__exit__(*exc)
 
 
 def _unfinished(result_grid) -> bool:
