@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 #: Aimed kills of a search driver: (point, largest n drawn). "resumed" only for a resumed driver.
 SEARCH_POINTS = (("trial-last-report", 3), ("trial-ended", 3), ("checkpoint", 6), ("resumed", 1),
-                 ("confirm-trial-ended", 2))
+                 ("confirm-trial-ended", 2), ("search-ended", 1))
 
 
 def spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -67,10 +67,13 @@ def _tail(log: Path, n: int = 15) -> str:
 
 
 def drive(cmd_new: list[str], cmd_again, env: dict, tmp: Path, tag: str, cycles: int, rng, *, aimed_share: float,
-          points, min_s: float, max_s: float, on_kill, forced: list | None = None) -> tuple[list[str], float]:
+          points, min_s: float, max_s: float, on_kill, forced: list | None = None,
+          finished=None) -> tuple[list[str], float]:
     """Start, kill ``cycles`` times, run to the end. ``cmd_again()`` is the command that continues
     (None: start afresh); ``on_kill()`` looks at the record after each kill and says where it landed.
-    ``forced``: each cycle's aim (None: a random kill) instead of drawing them."""
+    ``forced``: each cycle's aim (None: a random kill) instead of drawing them. ``finished()``: the
+    record is complete (a kill that landed after its last write, while the driver shut down, ends
+    the cycles: there is nothing left to continue)."""
     moments = []
     t0 = time.monotonic()
     for cycle in range(cycles + 1):
@@ -116,6 +119,9 @@ def drive(cmd_new: list[str], cmd_again, env: dict, tmp: Path, tag: str, cycles:
                 break
         crash(p)
         moments.append(f"{how}: {on_kill()}")
+        if finished is not None and finished():
+            moments[-1] += " (its record was complete: killed while it shut down)"
+            break
     return moments, time.monotonic() - t0
 
 
@@ -201,7 +207,8 @@ def main() -> None:
                                   points=SEARCH_POINTS, min_s=args.min_s, max_s=args.max_s, on_kill=landed,
                                   # --quick: issue #21's window first (a trial's end recorded, its run
                                   # not ended), then a random kill
-                                  forced=["trial-ended:1", None] if args.quick else None)
+                                  forced=["trial-ended:1", None] if args.quick else None,
+                                  finished=lambda: current() is not None and store().get_search(current()).status == "finished")
             sid = current()
             known.add(sid)
             search = store().get_search(sid)

@@ -10,6 +10,7 @@ Points:
   confirm-trial-ended  the same, for a confirmation run (after the search phase)
   checkpoint         Tune registered a trial's checkpoint, before saving its own state
   resumed            a resumed driver reopened the search's runs, before Tune restores anything
+  search-ended       a search's MLflow run ended, its final status not yet in the store
   model-reported     a scale recorded a model's epoch (store and MLflow)
   model-ended        a scale ended a model's MLflow run, its end not yet in the store
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("trial-last-report", "trial-ended", "confirm-trial-ended", "checkpoint", "resumed", "model-reported", "model-ended")
+POINTS = ("trial-last-report", "trial-ended", "confirm-trial-ended", "checkpoint", "resumed", "search-ended", "model-reported", "model-ended")
 _count: dict[str, int] = {}
 
 

@@ -1,8 +1,10 @@
 """The record of a search or a scale: a parent run with one unit per trial or per model, in the
 results store and in MLflow, written the same way for both.
 
-- ``open_parent``: the parent's MLflow run, new, or the one an earlier driver made (reopened; or
-  found by its tags when that driver died before recording its id);
+- ``open_parent``/``end_parent``: the parent's MLflow run, new, or the one an earlier driver made
+  (reopened; or found by its tags when that driver died before recording its id); it ends
+  before the row's final status is written (the caller's last write), so a driver killed in
+  between leaves a record that reads unfinished and is completed by the next driver;
 - ``start``/``epochs``/``end``: a unit's run starts (or continues: a retried trial, a re-run
   model), its epochs are logged, it ends. The order of the two writes is what a resume relies
   on: a start or an end goes to the store row first, then to the run (a driver killed between

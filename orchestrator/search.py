@@ -268,9 +268,13 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     status = Status.FAILED if error else Status.INTERRUPTED if interrupted else (Status.FINISHED if best else Status.FAILED)
     if status == Status.FAILED:
         error = explain_failure(error, trials, storage_path)
+    # The parent run's end first, the row's final status last (as a scale's): a driver killed in
+    # between leaves a search that reads running with a dead driver, which `--resume` completes,
+    # never one that reads finished while its MLflow run stays RUNNING.
+    _log_outcome(tracker, sink.rec, status, trials, best, summary, wall)
+    faultpoint.reached("search-ended")
     store.update_search(search_id, status=status, finished_at=now(), summary=summary,
                         best_trial_id=best.trial_id if best else None, error=error)
-    _log_outcome(tracker, sink.rec, status, trials, best, summary, wall)
     if error and not interrupted:
         raise SearchFailed(search_id, error)
     return SearchOutcome(search_id, parent, status, len(trials), summary.get("best"), summary)

@@ -106,8 +106,18 @@ def test_sigkilled_search_resumes_and_sigkilled_scale_reruns(tmp_path):
     pre_study = [t.params for t in study_trials(home / "ray" / search_id)]
     tear(home / "ray" / search_id)
 
+    # The resumed driver dies between the parent run's end and the row's final status: the
+    # search reads unfinished, and the next --resume completes its record.
     log = tmp_path / "search2"
+    p = spawn(["search", "--resume", search_id, "--json"], dict(env, ORCH_KILL_AT="search-ended"), log)
+    assert p.wait(timeout=300) == -signal.SIGKILL, Path(f"{log}.err").read_text()[-3000:]
+    sigkill(p)
+    assert store.get_search(search_id).status == "running"
+    parent_run = store.get_search(search_id).mlflow_run_id
+    assert mlflow_client(home).get_run(parent_run).info.status == "FINISHED"
+    log = tmp_path / "search3"
     out = finish(spawn(["search", "--resume", search_id, "--json"], env, log), log)
+    assert out["mlflow_run_id"] == parent_run
     assert out["search_id"] == search_id and out["status"] == "finished" and out["n_trials"] == 3
 
     trials = store.trials(search_id)
