@@ -82,9 +82,30 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, home: Pa
                     address, "a token it does not accept" if _token_auth() else "no token")) from None
             raise ClusterError(f"cannot connect to Ray at {where}: {str(e).splitlines()[0]}") from None
     sigterm_as_ctrl_c(force=True)  # ray.init put in Ray's own handler, which just exits
+    return _info_now(address, started)
+
+
+def _info_now(address: str | None, started: bool) -> ClusterInfo:
+    import ray
+
     res = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     return ClusterInfo(float(res.get("CPU", 0)), float(res.get("GPU", 0)), address, started, max(1, nodes))
+
+
+def grow_for(info: ClusterInfo, gpus: float | None, *, wait_s: float, on_wait=None, on_start=None) -> ClusterInfo:
+    """The cluster with the ``--gpus`` budget up. As it is when it has the GPUs already, when no
+    budget is given, or when it cannot grow (the embedded instance, a fixed cluster:
+    ``gpu_budget`` then says it is too small). Else its autoscaler is asked for them and this
+    waits (``orchestrator.autoscale.grow``): ``on_start(want, up)`` once, ``on_wait`` each second."""
+    from orchestrator import autoscale
+
+    if gpus is None or gpus <= info.gpus + 1e-9 or info.started_here or not autoscale.can_grow():
+        return info
+    if on_start is not None:
+        on_start(gpus, info.gpus)
+    autoscale.grow(gpus, wait_s=wait_s, on_wait=on_wait)
+    return _info_now(info.address, info.started_here)
 
 
 # --------------------------------------------------------------------------- the embedded instance
@@ -474,8 +495,8 @@ def gpu_budget(info: ClusterInfo, gpus: float | None) -> float:
     budget = info.gpus if gpus is None else gpus
     if budget > info.gpus + 1e-9:
         raise ClusterError(
-            f"--gpus {budget:g} asks for more GPUs than the cluster has ({info.gpus:g}); "
-            f"use --gpus {info.gpus:g} or fewer (0 runs on CPU)"
+            f"--gpus {budget:g} asks for more GPUs than the cluster has ({info.gpus:g}) and it has no "
+            f"autoscaler that can add nodes; use --gpus {info.gpus:g} or fewer (0 runs on CPU)"
         )
     return budget
 

@@ -1,11 +1,14 @@
 """Shared fixtures: one real local Ray instance for the session (2 CPUs, 4 *logical* GPUs:
 the only mock here is that no physical GPU exists; trials asking for one run on CPU)."""
 
+import contextlib
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -28,11 +31,28 @@ def error_line(res) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(tmp_path_factory):
+    """One local Ray for the in-process tests, with 4 fake GPUs. Its token is an owner-only file
+    of its own, as orch's embedded instance has: left to itself, ray.init would write
+    ~/.ray/auth_token (world-readable) into the home of whoever runs the tests, and a head
+    started later with `ray start` would pick that token up."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1", configure_logging=False)
+    from orchestrator.cluster import _new_token, _reload_ray_auth
+
+    token = _new_token(tmp_path_factory.mktemp("ray-session") / "ray-auth-token")
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    _reload_ray_auth()
+    try:
+        ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", configure_logging=False)
+    finally:  # the processes it started have it; later subprocesses of the tests do not inherit it
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield ray
     ray.shutdown()
 
@@ -51,6 +71,35 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def started_head(*args: str, env: dict, port: int | None = None):
+    """`ray start --head` on 127.0.0.1 (``port``, default a free one) in a temp folder of its own,
+    with ``args``; yields its address. Stopped by PID: every process that holds the folder open,
+    the nodes an autoscaler started included (not `ray stop`: it stops every Ray on the machine)."""
+    from orchestrator.cluster import _owned_processes
+
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # Ray's socket paths allow a short folder only
+    port = port or _free_port()
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    try:
+        subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats", *args],
+                       env=env, check=True, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for _ in range(5):
+            pids = [pid for pid, _ in _owned_processes(temp)]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not pids:
+                break
+            time.sleep(0.5)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"

@@ -1,7 +1,12 @@
-"""deploy/ stays honest: every manifest and config loads and is of the right kind, carries no
-secret, and every `orch …` command line in it (and in the READMEs) parses with the real CLI, so
-an option that does not exist fails here."""
+"""deploy/ stays honest: every manifest and config is valid against its tool's published schema
+(KubeRay's CRDs, Ray's cluster-launcher schema and checks, the compose specification), is of the
+right kind, carries no secret, and every `orch …` command line in it (and in the READMEs) parses
+with the real CLI, so an option that does not exist fails here."""
 
+import copy
+import functools
+import gzip
+import json
 import re
 import shlex
 from pathlib import Path
@@ -14,6 +19,10 @@ from orchestrator.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
+SCHEMAS = ROOT / "tests" / "data" / "schemas"  # vendored: SOURCES.md says from where
+#: The KubeRay releases the manifests are checked against: the oldest deploy/README.md supports
+#: (`authOptions.secretName` is 1.6.0's) and the newest.
+KUBERAY = ("v1.6.0", "v1.7.0")
 
 
 def _yaml(rel: str) -> dict:
@@ -86,6 +95,144 @@ def test_the_parser_catches_what_it_should():
         parse_orch("orch train --gpus 8")
 
 
+# --------------------------------------------------------------------------- published schemas
+
+
+def _strict(node):
+    """A Kubernetes schema as `kubectl apply --validate=strict` reads it: an object with declared
+    properties accepts no other field (a typo such as `minReplica` fails), unless it says it keeps
+    unknown fields."""
+    if isinstance(node, dict):
+        if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        for v in node.values():
+            _strict(v)
+    elif isinstance(node, list):
+        for v in node:
+            _strict(v)
+    return node
+
+
+@functools.cache
+def _crd(version: str, plural: str) -> dict:
+    doc = yaml.safe_load(gzip.decompress((SCHEMAS / f"kuberay-{version}-ray.io_{plural}.yaml.gz").read_bytes()))
+    (v1,) = [v for v in doc["spec"]["versions"] if v["name"] == "v1"]
+    return _strict(copy.deepcopy(v1["schema"]["openAPIV3Schema"]))
+
+
+def _sub(schema: dict, *path: str) -> dict:
+    for key in path:
+        schema = schema["items"] if key == "[]" else schema["properties"][key]
+    return schema
+
+
+def _errors(schema: dict, doc) -> list[str]:
+    import jsonschema
+
+    return [f"{'/'.join(map(str, e.absolute_path)) or '.'}: {e.message[:200]}"
+            for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+
+
+def kube_errors(doc: dict, version: str) -> list[str]:
+    """``doc`` against KubeRay ``version``'s CRDs. Core kinds are checked against the same
+    Kubernetes schemas as the CRDs embed them (a Pod's spec is the pod template's, a claim's spec
+    the ephemeral volume's claim template's); a ServiceAccount carries metadata only."""
+    kind = doc.get("kind")
+    if kind == "RayCluster":
+        return _errors(_crd(version, "rayclusters"), doc)
+    if kind == "RayJob":
+        return _errors(_crd(version, "rayjobs"), doc)
+    template = _sub(_crd(version, "rayclusters"), "spec", "headGroupSpec", "template")
+    top = {"apiVersion": {"const": "v1"}, "kind": {"const": kind},
+           "metadata": _sub(template, "metadata") | {"required": ["name"]}}
+    if kind == "Pod":
+        body = {"spec": _sub(template, "spec")}
+    elif kind == "PersistentVolumeClaim":
+        body = {"spec": _sub(template, "spec", "volumes", "[]", "ephemeral", "volumeClaimTemplate", "spec")}
+    elif kind == "ServiceAccount":
+        body = {}
+    else:
+        return [f"{kind}: no schema for this kind here; add one to tests/test_deploy.py"]
+    schema = {"type": "object", "required": ["apiVersion", "kind", "metadata", *body], "additionalProperties": False,
+              "properties": top | body}
+    return _errors(schema, doc)
+
+
+KUBE_DOCS = [(p.name, i) for p in sorted((DEPLOY / "kuberay").glob("*.yaml"))
+             for i, _ in enumerate(yaml.safe_load_all(p.read_text()))]
+
+
+@pytest.mark.parametrize("version", KUBERAY)
+@pytest.mark.parametrize("name,index", KUBE_DOCS)
+def test_kubernetes_manifests_are_valid_against_kuberay_schemas(name, index, version):
+    doc = list(yaml.safe_load_all((DEPLOY / "kuberay" / name).read_text()))[index]
+    assert kube_errors(doc, version) == []
+
+
+def test_the_kubernetes_schema_check_catches_what_it_should():
+    cluster = _yaml("kuberay/raycluster.yaml")
+    typo = copy.deepcopy(cluster)
+    typo["spec"]["workerGroupSpecs"][0]["minReplica"] = 0
+    assert any("minReplica" in e for e in kube_errors(typo, "v1.7.0"))
+    wrong = copy.deepcopy(cluster)
+    wrong["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "eight"
+    assert any("maxReplicas" in e for e in kube_errors(wrong, "v1.7.0"))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+           "spec": {"containers": [{"name": "c", "image": "i", "volumeMount": []}]}}
+    assert any("volumeMount" in e for e in kube_errors(pod, "v1.6.0"))
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"},
+             "spec": {"accessModes": "ReadWriteMany"}}
+    assert any("accessModes" in e for e in kube_errors(claim, "v1.6.0"))
+
+
+def test_ray_cluster_launcher_config_is_valid():
+    """Ray's own checks, as `ray up` runs them: its defaults merged in, then its JSON schema
+    (ray/autoscaler/ray-schema.json of the pinned Ray) and its extra rules."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = _yaml("ray-cluster/aws.yaml")
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    # Ray's AWS defaults add a system-wide `pip install boto3` to the head's setup, which
+    # Ubuntu 24.04 refuses (PEP 668): only the venv's pip may run
+    for cmd in prepared["head_setup_commands"] + prepared["worker_setup_commands"]:
+        for m in re.finditer(r"(\S*)pip install", cmd):
+            assert m.group(1).endswith("venv/bin/"), cmd
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError, match="max_wokers"):
+        validate_config(prepare_config(dict(copy.deepcopy(cfg), max_wokers=3)))
+
+
+def test_compose_file_is_valid_against_the_compose_specification():
+    spec = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    assert _errors(spec, _yaml("compose/docker-compose.yaml")) == []
+    assert _errors(spec, {"services": {"x": {"image": "i", "portz": ["1:1"]}}})  # it does catch typos
+
+
+def test_the_dataset_volume_is_mounted_where_the_jobs_read_it():
+    cluster = _yaml("kuberay/raycluster.yaml")
+    claims = {d["metadata"]["name"] for d in yaml.safe_load_all((DEPLOY / "kuberay/prereqs.yaml").read_text())
+              if d["kind"] == "PersistentVolumeClaim"}
+    pods = [cluster["spec"]["headGroupSpec"]["template"]["spec"]] + \
+        [g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]]
+    accounts = {d["metadata"]["name"] for d in yaml.safe_load_all((DEPLOY / "kuberay/prereqs.yaml").read_text())
+                if d["kind"] == "ServiceAccount"}
+    mounts = []
+    for pod in pods:  # the driver (head) and every trial's node see the same folder
+        assert pod["serviceAccountName"] in accounts  # what grants the bucket
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c in pod["containers"]:
+            for m in c.get("volumeMounts", []):
+                if volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName") in claims:
+                    mounts.append((m["mountPath"], m.get("readOnly", False)))
+    assert len({p for p, _ in mounts}) == 1 and len(mounts) == len(pods), mounts
+    mount = mounts[0][0]
+    _, values = parse_orch(_yaml("kuberay/rayjob-search.yaml")["spec"]["entrypoint"])
+    assert values["dataset"].startswith(f"imagefolder:{mount.rstrip('/')}/"), values["dataset"]
+
+
 def test_kuberay_manifests():
     cluster = _yaml("kuberay/raycluster.yaml")
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
@@ -101,7 +248,7 @@ def test_kuberay_manifests():
     assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "orch-ray-token"}
     readme = (DEPLOY / "README.md").read_text()
     assert "kubectl create secret generic orch-ray-token --from-literal=auth_token=" in readme
-    assert "KubeRay ≥ 1.5.1" in readme
+    assert "KubeRay ≥ 1.6.0" in readme
     for rel, sub in (("kuberay/rayjob-search.yaml", "search"), ("kuberay/rayjob-scale.yaml", "scale")):
         job = _yaml(rel)
         assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")

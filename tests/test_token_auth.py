@@ -5,17 +5,12 @@ stopped by PID (its processes are found by the session folder they hold open).""
 
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import pytest
 
-from orchestrator.cluster import _owned_processes
-from tests.conftest import TINY, _free_port
+from tests.conftest import TINY, started_head
 
 pytestmark = pytest.mark.slow
 
@@ -23,28 +18,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def token_head():
     token = secrets.token_hex(32)
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths allow a short folder only
-    port = _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=120)
-    try:
-        yield f"127.0.0.1:{port}", token
-    finally:
-        for _ in range(3):  # every process of this head, by PID (not `ray stop`: it stops every Ray here)
-            pids = [pid for pid, _ in _owned_processes(temp)]
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if not pids:
-                break
-            time.sleep(0.5)
-        shutil.rmtree(temp, ignore_errors=True)
+    with started_head("--num-cpus=2", "--num-gpus=0", env=env) as address:
+        yield address, token
 
 
 def _orch(args, home, **env):
@@ -72,3 +49,11 @@ def test_orch_on_a_token_authenticated_cluster(token_head, tmp_path):
     res = _orch(search, tmp_path / "c", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     assert res.returncode == 0, res.stderr[-3000:]
     assert '"status": "finished"' in res.stdout
+
+    # a fixed cluster (started by hand: Ray's read-only autoscaler) is not asked to grow: a budget
+    # above its GPUs is refused at once, as before autoscaling budgets
+    res = _orch([*search[:3], "--gpus", "1", *search[5:]], tmp_path / "d", RAY_AUTH_MODE="token",
+                RAY_AUTH_TOKEN=token)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert "more GPUs than the cluster has (0)" in errors[0] and "no autoscaler" in errors[0]

@@ -11,6 +11,7 @@ import re
 import click
 
 from orchestrator import scaling
+from orchestrator.autoscale import DEFAULT_WAIT_S
 from orchestrator.errors import InputError
 
 
@@ -209,6 +210,10 @@ storage_option = _env_option("--storage", "ORCH_STORAGE", "PATH|URI", "Where tri
                              "one-machine cluster can use.")
 address_option = _env_option("--address", "RAY_ADDRESS", "ADDR", "Ray cluster to use ('auto', host:port, "
                              "ray://host:10001). {env}; default: start a local Ray instance on 127.0.0.1.")
+wait_option = click.option(
+    "--wait-for-resources", "wait_s", type=click.FloatRange(min=0.0), default=DEFAULT_WAIT_S, show_default=True,
+    metavar="SECONDS", help="On an autoscaling cluster, how long to wait for the nodes that a --gpus budget above the "
+    "GPUs up now asks the autoscaler for (cloud GPU nodes take minutes to boot and pull the image).")
 experiment_option = click.option(
     "--experiment", default="compound-scaling", show_default=True, help="MLflow experiment name."
 )
@@ -221,9 +226,9 @@ def state_options(f):
 
 def run_options(f):
     """What a command that runs work on the cluster and records it needs: --experiment, --home,
-    --db-url, --tracking-uri, --address, --storage and --json."""
+    --db-url, --tracking-uri, --address, --wait-for-resources, --storage and --json."""
     for option in reversed((experiment_option, home_option, db_url_option, tracking_option, address_option,
-                            storage_option, json_option)):
+                            wait_option, storage_option, json_option)):
         f = option(f)
     return f
 

@@ -10,7 +10,7 @@ from orchestrator.cli.options import (
     writable,
 )
 from orchestrator.cli.views import (
-    ScaleProgress, echo_json, print_dry_run, print_scale_outcome, results_only_stdout, stderr_console, stdout_console,
+    ScaleProgress, connect_and_grow, echo_json, print_dry_run, print_scale_outcome, results_only_stdout, stderr_console, stdout_console,
 )
 from orchestrator.errors import about
 from orchestrator.status import Status
@@ -64,7 +64,7 @@ from orchestrator.status import Status
 @run_options
 def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpu_memory, gpus,
           gpus_per_job, workers_per_job, cpus_per_worker, max_failures, dry_run, experiment, home, db_url,
-          tracking_uri, address, storage, as_json):
+          tracking_uri, address, wait_s, storage, as_json):
     """Train the scaled family B0..Bk from a search's winning α, β, γ, one Ray Train job per model.
 
     Each model is a data-parallel TorchTrainer run (checkpointed every epoch), launched as the
@@ -117,7 +117,7 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
     writable(h)
     info = resources = storage_path = None
     if todo:
-        info, resources, storage_path = _connect_for_jobs(err, address, opts, storage, h)
+        info, resources, storage_path = _connect_for_jobs(err, address, wait_s, opts, storage, h)
     try:
         runner = scale_mod.ScaleRun(scale_id, source, coeffs, opts, plan, store=store, tracker=tracker)
         err.print(f"{title}\n{len(plan) - len(todo)} of {len(plan)} models finished earlier; training "
@@ -146,13 +146,13 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         raise SystemExit(130)
 
 
-def _connect_for_jobs(err, address, opts, storage, home):
-    """Ray and the jobs' resources, or an error before anything is launched."""
+def _connect_for_jobs(err, address, wait_s, opts, storage, home):
+    """Ray (grown to the budget where it can) and the jobs' resources, or an error before
+    anything is launched."""
     from orchestrator import cluster as cluster_mod
     from orchestrator.home import ray_storage
 
-    with err.status("starting Ray…"), about("--address"):
-        info = cluster_mod.connect(address, home=home)
+    info = connect_and_grow(err, address, home, opts.gpus, wait_s)
     try:
         resources = cluster_mod.plan_job_resources(info, gpus=opts.gpus, workers=opts.workers,
                                                    cpus_per_worker=opts.cpus_per_worker,

@@ -12,14 +12,13 @@ from orchestrator.cli.options import (
     open_tracker, run_options, writable,
 )
 from orchestrator.cli.views import (
-    SearchProgress, echo_json, print_search_outcome, results_only_stdout, stderr_console, stdout_console,
+    SearchProgress, connect_and_grow, echo_json, print_search_outcome, results_only_stdout, stderr_console, stdout_console,
 )
-from orchestrator.errors import about
 from orchestrator.status import Status
 from workers import defaults
 
 #: What `--resume` may be given with: where things are, not what the search does.
-RESUME_ALLOWS = {"home", "db_url", "tracking_uri", "address", "storage", "as_json"}
+RESUME_ALLOWS = {"home", "db_url", "tracking_uri", "address", "wait_s", "storage", "as_json"}
 
 
 @click.command(cls=CheckedCommand, checks=(
@@ -78,12 +77,12 @@ RESUME_ALLOWS = {"home", "db_url", "tracking_uri", "address", "storage", "as_jso
 @click.option("--resume", "resume_id", default=None, callback=check_id, metavar="SEARCH_ID",
               help="Continue a search whose driver died or was stopped: its trials resume from their "
               "checkpoints, its Optuna study goes on, its rows and MLflow runs are reused. Takes the search's "
-              "own options; only --home/--db-url/--tracking-uri/--address/--storage/--json may be given.")
+              "own options; only --home/--db-url/--tracking-uri/--address/--wait-for-resources/--storage/--json may be given.")
 @run_options
 def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tolerance, grid_step, no_paper_point,
            confirm_top, confirm_seeds, data_seed, dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial,
            cpus_per_trial, max_failures, name, synthetic_size, resume_id, experiment, home, db_url, tracking_uri,
-           address, storage, as_json):
+           address, wait_s, storage, as_json):
     """Search φ=1 coefficients (α, β, γ) with α·β²·γ² ≈ 2 as Ray Tune trials.
 
     Optuna (TPE, seeded) proposes candidates, ASHA stops weak ones early, every trial is logged
@@ -98,7 +97,7 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
     from orchestrator.search import SearchOptions, new_search_id
 
     if resume_id:
-        return _resume(resume_id, home, db_url, tracking_uri, address, storage, as_json)
+        return _resume(resume_id, home, db_url, tracking_uri, address, wait_s, storage, as_json)
     search_id = new_search_id()
     opts = SearchOptions(
         name=name or search_id, space=space_kind, trials=trials, epochs=epochs, grace_epochs=grace_epochs, seed=seed,
@@ -111,10 +110,10 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
     )
     store = open_store(home, db_url)
     tracker = open_tracker(home, tracking_uri, experiment)
-    _run(opts, search_id, store, tracker, home, address, storage, as_json)
+    _run(opts, search_id, store, tracker, home, address, wait_s, storage, as_json)
 
 
-def _resume(search_id, home, db_url, tracking_uri, address, storage, as_json):
+def _resume(search_id, home, db_url, tracking_uri, address, wait_s, storage, as_json):
     from orchestrator import home as home_mod
     from orchestrator.search import check_resumable, options_of
 
@@ -122,10 +121,10 @@ def _resume(search_id, home, db_url, tracking_uri, address, storage, as_json):
     resume = check_resumable(store, search_id, storage=storage, home=home_mod.home_dir(home))
     opts = options_of(resume.record)
     tracker = open_tracker(home, tracking_uri, opts.experiment)
-    _run(opts, search_id, store, tracker, home, address, resume.storage, as_json, resume=resume)
+    _run(opts, search_id, store, tracker, home, address, wait_s, resume.storage, as_json, resume=resume)
 
 
-def _run(opts, search_id, store, tracker, home, address, storage, as_json, resume=None):
+def _run(opts, search_id, store, tracker, home, address, wait_s, storage, as_json, resume=None):
     """Connect to Ray, run (or resume) the search with live progress, print the outcome."""
     from orchestrator import cluster as cluster_mod
     from orchestrator import home as home_mod
@@ -134,8 +133,7 @@ def _run(opts, search_id, store, tracker, home, address, storage, as_json, resum
     err = stderr_console()
     h = home_mod.home_dir(home)
     writable(h)
-    with err.status("starting Ray…"), about("--address"):
-        info = cluster_mod.connect(address, home=h)
+    info = connect_and_grow(err, address, h, opts.gpus, wait_s)
     try:
         cluster_mod.plan_resources(info, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial,
                                    cpus_per_trial=opts.cpus_per_trial)

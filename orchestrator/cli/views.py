@@ -81,6 +81,35 @@ def model_json(r) -> dict:
 # --------------------------------------------------------------------------- live progress
 
 
+def connect_and_grow(err, address, home, gpus, wait_s):
+    """Ray (``cluster.connect``), grown to the ``--gpus`` budget where its autoscaler can add
+    nodes, the wait shown on stderr: one line when it starts (for logs), then a live line."""
+    from orchestrator import cluster as cluster_mod
+    from orchestrator.errors import about
+
+    with err.status("starting Ray…") as status, about("--address"):
+        info = cluster_mod.connect(address, home=home)
+
+        def start(want, up):
+            err.print(f"asking the cluster's autoscaler for {want:g} GPUs ({up:g} up now); waiting up to "
+                      f"{wait_s:g} s (--wait-for-resources)", highlight=False)
+
+        def wait(w):
+            status.update(f"waiting for {w.want:g} GPUs: {w.up:g} up, {w.starting} nodes starting "
+                          f"({_elapsed(w.elapsed_s)})")
+
+        try:
+            return cluster_mod.grow_for(info, gpus, wait_s=wait_s, on_start=start, on_wait=wait)
+        except BaseException:
+            cluster_mod.shutdown(info)
+            raise
+
+
+def _elapsed(s: float) -> str:
+    m, s = divmod(int(s), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 class LiveProgress:
     """Live view of long work on stderr: a table redrawn in place on a terminal; without one
     (CI, pipes) one line per change instead. Subclasses give ``render(items)`` and
