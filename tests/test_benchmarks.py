@@ -87,3 +87,10 @@ def test_demo_family_reads_the_makefile(tmp_path):
     bad.write_text("demo: venv\n\t$(ORCH) search --trials 1\n")
     with pytest.raises(SystemExit, match="expected search and scale"):
         demo_family.demo_commands(bad)
+
+
+def test_data_path_quick():
+    lines = _run("data_path.py")
+    kinds = [line.split(" images/s")[0].strip().rsplit(None, 1) for line in lines[-3:]]
+    assert [k[0] for k in kinds] == ["baseline JPEG", "PNG", "large JPEG"] and all(float(k[1]) > 0 for k in kinds)
+    assert "0 re-encoded" in lines[-3] and "40 re-encoded" in lines[-2]  # kept byte for byte vs converted

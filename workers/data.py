@@ -1,4 +1,5 @@
-"""Datasets for trials: ``synthetic`` (default) and ``imagefolder:PATH``.
+"""Datasets for trials: ``synthetic`` (default), ``imagefolder:PATH`` and ``prepared:PATH``
+(``orch data prepare``).
 
 Both end up as uint8 tensors (N, 3, H, W) plus int64 labels, held on the training device and
 augmented there (random crop with reflection padding and horizontal flip), so that the loop
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -51,7 +51,10 @@ class Dataset:
     flip: bool = True
 
 
-def _load_images(files: list[tuple[Path, int]], resolution: int) -> Split:
+def _load_images(files: list[tuple], resolution: int) -> Split:
+    """``files``: (path, label) or (encoded bytes, label, where) each."""
+    import io
+
     from PIL import Image  # Pillow: only needed for image folders
 
     n = len(files)
@@ -61,9 +64,10 @@ def _load_images(files: list[tuple[Path, int]], resolution: int) -> Split:
         )
     images = torch.empty((n, 3, resolution, resolution), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
-    for i, (path, label) in enumerate(files):
+    for i, (src, label, *where) in enumerate(files):
+        path = where[0] if where else src
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
                 im = im.convert("RGB")
                 # Resize the shorter side to the resolution, then centre-crop a square.
                 w, h = im.size
@@ -87,6 +91,18 @@ def load_imagefolder(root: str, resolution: int) -> Dataset:
         _load_images(splits["train"], resolution),
         _load_images(splits["val"], resolution),
     )
+
+
+def load_prepared(root: str, resolution: int) -> Dataset:
+    """A dataset ``orch data prepare`` made, decoded and resized like an image folder."""
+    from workers.prepared import PreparedError, iter_split, read_manifest
+
+    try:
+        manifest = read_manifest(root)
+        splits = {s: _load_images(list(iter_split(root, s, manifest)), resolution) for s in ("train", "val")}
+    except PreparedError as e:
+        raise DatasetError(str(e)) from None
+    return Dataset(f"prepared:{root}", len(manifest["classes"]), splits["train"], splits["val"])
 
 
 def _synthetic_split(n: int, num_classes: int, seed: int, native: int) -> Split:
@@ -166,6 +182,8 @@ def load(spec: str, resolution: int, *, seed: int = 0, synthetic_size: tuple[int
         base = _CACHE[native_key]
         ds = Dataset(base.name, base.num_classes, resize_split(base.train, resolution),
                      resize_split(base.val, resolution), flip=base.flip)
+    elif kind == "prepared":
+        ds = load_prepared(path, resolution)
     else:
         ds = load_imagefolder(path, resolution)
     if len(_CACHE) > 8:  # a reused actor sees many resolutions; keep memory bounded

@@ -17,13 +17,34 @@ class DatasetError(ValueError):
     """A dataset spec or folder the user gave cannot be used; the message says why."""
 
 
+#: Dataset kinds that name a folder: ``<kind>:PATH``.
+FOLDER_KINDS = ("imagefolder", "prepared")
+
+
 def parse_spec(spec: str) -> tuple[str, str | None]:
-    """``synthetic`` -> ("synthetic", None); ``imagefolder:PATH`` -> ("imagefolder", PATH)."""
+    """``synthetic`` -> ("synthetic", None); ``imagefolder:PATH`` -> ("imagefolder", PATH);
+    ``prepared:PATH`` (made by ``orch data prepare``) -> ("prepared", PATH)."""
     if spec == "synthetic":
         return "synthetic", None
-    if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
-        return "imagefolder", spec[len("imagefolder:"):]
-    raise DatasetError(f"unknown dataset {spec!r}: use 'synthetic' or 'imagefolder:PATH'")
+    kind, _, path = spec.partition(":")
+    if kind in FOLDER_KINDS and path:
+        return kind, path
+    raise DatasetError(f"unknown dataset {spec!r}: use 'synthetic', 'imagefolder:PATH' or 'prepared:PATH'")
+
+
+def check(spec: str) -> None:
+    """``spec`` names a dataset that can be read (a folder is scanned, a manifest read; nothing is
+    loaded). Raises DatasetError."""
+    kind, path = parse_spec(spec)
+    if kind == "imagefolder":
+        scan_imagefolder(path)
+    elif kind == "prepared":
+        from workers.prepared import PreparedError, read_manifest
+
+        try:
+            read_manifest(path)
+        except PreparedError as e:
+            raise DatasetError(str(e)) from None
 
 
 def scan_imagefolder(root: str | os.PathLike) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
@@ -41,7 +62,7 @@ def scan_imagefolder(root: str | os.PathLike) -> tuple[list[str], dict[str, list
         d = root / split
         if not d.is_dir():
             raise DatasetError(f"{str(d)!r} is missing; an image folder needs train/<class>/ and val/<class>/")
-        names = sorted(p.name for p in d.iterdir() if p.is_dir())
+        names = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
         if split == "train":
             classes = names
             if len(classes) < 2:
@@ -54,7 +75,8 @@ def scan_imagefolder(root: str | os.PathLike) -> tuple[list[str], dict[str, list
         for label, name in enumerate(classes):
             cdir = d / name
             if cdir.is_dir():
-                files += [(p, label) for p in sorted(cdir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+                files += [(p, label) for p in sorted(cdir.iterdir())
+                          if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
         if not files:
             raise DatasetError(f"{str(d)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         splits[split] = files
@@ -65,4 +87,8 @@ def num_classes_of(spec: str) -> int:
     kind, path = parse_spec(spec)
     if kind == "synthetic":
         return SYNTHETIC_CLASSES
+    if kind == "prepared":
+        from workers.prepared import read_manifest
+
+        return len(read_manifest(path)["classes"])
     return len(scan_imagefolder(path)[0])

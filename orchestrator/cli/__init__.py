@@ -46,6 +46,7 @@ def main():
     orch search --gpus 8           the φ=1 search as Ray Tune trials (Optuna + ASHA)
     orch scale --from-run <id>     train B1..B7 from a search's winner
     orch ui                        compare the family in the MLflow UI
+    orch data prepare SRC DEST     shard an image folder or Parquet set for training
     """
     import logging
 
@@ -63,6 +64,7 @@ def main():
 
 
 def _attach() -> None:
+    from orchestrator.cli.data import data
     from orchestrator.cli.db import db
     from orchestrator.cli.plan import plan
     from orchestrator.cli.runs import runs
@@ -70,7 +72,7 @@ def _attach() -> None:
     from orchestrator.cli.search import search
     from orchestrator.cli.ui import ui
 
-    for command in (plan, search, scale, runs, ui, db):
+    for command in (plan, search, scale, runs, ui, data, db):
         main.add_command(command)
 
 

@@ -86,12 +86,10 @@ def check_dataset(ctx, param, value):
     """A dataset spec that exists and can be read (an image folder is scanned, not loaded)."""
     if value is None:
         return None
-    from workers.datasets import DatasetError, parse_spec, scan_imagefolder
+    from workers.datasets import DatasetError, check
 
     try:
-        kind, path = parse_spec(value)
-        if kind == "imagefolder":
-            scan_imagefolder(path)
+        check(value)
     except DatasetError as e:
         raise click.BadParameter(str(e))
     return value

@@ -33,7 +33,7 @@ from orchestrator.status import Status
 @click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=None,
               help="Epochs per model. Default: the search's.")
 @click.option("--dataset", default=None, callback=check_dataset,
-              help="'synthetic' or 'imagefolder:PATH'. Default: the search's.")
+              help="'synthetic', 'imagefolder:PATH' or 'prepared:PATH'. Default: the search's.")
 @click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
               help="B0's input size; the family scales from it. Default: the search's.")
 @click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=None,

@@ -54,7 +54,8 @@ RESUME_ALLOWS = {"home", "db_url", "tracking_uri", "address", "wait_s", "storage
 @click.option("--data-seed", type=click.IntRange(min=0), default=None,
               help="Seed of the synthetic task's data. Default: --seed.")
 @click.option("--dataset", default="synthetic", show_default=True, callback=check_dataset,
-              help="'synthetic' (generated, no download) or 'imagefolder:PATH' (PATH/train/<class>/…, PATH/val/<class>/…).")
+              help="'synthetic' (generated, no download), 'imagefolder:PATH' (PATH/train/<class>/…, PATH/val/<class>/…) "
+              "or 'prepared:PATH' (made by `orch data prepare`).")
 @click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
               help=f"B0's input size for the task. Default {scaling.B0_RESOLUTION}; {defaults.SYNTHETIC_BASE_RESOLUTION} for the synthetic task "
               "(its images are 64px).")

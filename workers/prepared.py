@@ -1,0 +1,87 @@
+"""A prepared dataset, as ``orch data prepare`` writes it and trials read it. numpy only.
+
+A folder holding, per split (``train``, ``val``), shards of encoded images and their indexes, and
+one ``manifest.json`` written last (its presence means the dataset is complete):
+
+- ``<split>-<k>.jpgs``: the images' JPEG bytes, back to back (a shard holds at most the
+  manifest's ``shard_bytes``, or one image when a single image is larger);
+- ``<split>-<k>.idx.npy``: an int64 array (n, 7), one row per image: offset and length in the
+  shard, label, width, height, and the first 16 bytes of the SHA-1 of the source file (two
+  int64: finds the same image in train and val, and duplicates);
+- ``manifest.json``: format and version, the classes (index = label), per split the count and
+  the shards (file names, counts, sizes, SHA-256 of both files), the short-side cap, and what
+  was skipped, dropped or re-encoded, with the source and its fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "orch-prepared-images"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+#: Index columns.
+OFFSET, LENGTH, LABEL, WIDTH, HEIGHT, DIGEST_HI, DIGEST_LO = range(7)
+INDEX_COLUMNS = 7
+
+
+class PreparedError(ValueError):
+    """A prepared dataset that cannot be read as one; the message says why and what to do."""
+
+
+def shard_names(split: str, k: int) -> tuple[str, str]:
+    return f"{split}-{k:05d}.jpgs", f"{split}-{k:05d}.idx.npy"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """The manifest of the prepared dataset at ``root``; PreparedError when there is none (a
+    preparation that did not finish) or it is not one orch can read."""
+    path = Path(root) / MANIFEST
+    if not Path(root).is_dir():
+        raise PreparedError(f"prepared dataset {str(root)!r} does not exist; make it with `orch data prepare SOURCE {root}`")
+    if not path.is_file():
+        raise PreparedError(f"{str(root)!r} has no {MANIFEST}: its preparation did not finish; "
+                            f"run `orch data prepare` into it again")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PreparedError(f"{str(path)!r} is unreadable ({e}); prepare the dataset again") from None
+    if manifest.get("format") != FORMAT:
+        raise PreparedError(f"{str(path)!r} is not an orch prepared dataset")
+    if manifest.get("version") != VERSION:
+        raise PreparedError(f"{str(path)!r} is format version {manifest.get('version')}, this orch reads "
+                            f"{VERSION}; prepare the dataset again")
+    return manifest
+
+
+def iter_split(root: str | os.PathLike, split: str, manifest: dict | None = None, *, verify: bool = False):
+    """(jpeg bytes, label, where) of every image of ``split``, shard by shard; ``verify`` checks
+    each shard against the manifest's checksum first."""
+    root = Path(root)
+    manifest = manifest or read_manifest(root)
+    for shard in manifest["splits"][split]["shards"]:
+        data_path, idx_path = root / shard["data"], root / shard["index"]
+        if verify:
+            for p, key in ((data_path, "sha256"), (idx_path, "index_sha256")):
+                if sha256_of(p) != shard[key]:
+                    raise PreparedError(f"{str(p)!r} does not match its checksum in the manifest (damaged or "
+                                        f"changed since it was prepared); prepare the dataset again")
+        index = np.load(idx_path)
+        data = np.memmap(data_path, dtype=np.uint8, mode="r") if shard["bytes"] else np.zeros(0, np.uint8)
+        for i, row in enumerate(index):
+            off, n = int(row[OFFSET]), int(row[LENGTH])
+            yield data[off:off + n].tobytes(), int(row[LABEL]), f"{shard['data']}#{i}"
