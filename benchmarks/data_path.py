@@ -1,7 +1,9 @@
-"""The data path, measured. So far: `orch data prepare` (issue #15, item 1), images/s per CPU core.
+"""The data path, measured: `orch data prepare` (issue #15, item 1), images/s per CPU core; and
+the node-local tiers trials read (item 2): gathering batches from a mapped tier, and the memory
+four processes mapping one tier hold between them (from /proc/<pid>/smaps).
 
-    python benchmarks/data_path.py            # 2,000 images of each kind, every CPU
-    python benchmarks/data_path.py --quick    # 40 of each, 1 process (what CI runs)
+    python benchmarks/data_path.py            # 2,000 images of each kind, every CPU; a 128-px tier
+    python benchmarks/data_path.py --quick    # 40 of each, 1 process; a 64-px tier (what CI runs)
 
 Three kinds of source image, each prepared on its own so their costs show apart:
 - `baseline JPEG`: 500x375 photo-sized JPEGs (ImageNet's median size), kept byte for byte: the
@@ -56,6 +58,71 @@ def make(root: Path, kind: str, n: int) -> int:
     return total
 
 
+def mapping_kb(pid: int, path: Path) -> dict:
+    """Rss and Pss (kB) of the mapping of ``path`` in process ``pid``, from /proc/<pid>/smaps.
+    tests/test_tiers.py uses it too."""
+    out, inside = {"Rss": 0, "Pss": 0}, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and head and head[0].rstrip(":") in out:
+            out[head[0].rstrip(":")] += int(head[1])
+    return out
+
+
+#: A process that maps a tier, reads all of it, says so and waits for stdin to close.
+MAPPER = ("import sys, torch\nfrom workers import tiers\n"
+          "images, labels = tiers.tier(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), None)\n"
+          "print(int(images.sum(dtype=torch.int64)), flush=True)\nsys.stdin.read()\n")
+
+
+def tiers_figures(n: int, res: int, cache: Path) -> list[str]:
+    import subprocess
+
+    import numpy as np
+    import torch
+
+    os.environ["ORCH_DATA_CACHE"] = str(cache)
+    from workers import tiers
+
+    key = f"bench|{n}|{res}"
+    rng = np.random.default_rng(0)
+
+    def fill(images, labels):
+        for i in range(0, n, 1024):
+            images[i:i + 1024] = rng.integers(0, 255, images[i:i + 1024].shape, dtype=np.uint8)
+        labels[:] = np.arange(n) % 10
+
+    images, labels = tiers.tier(key, n, res, fill)
+    batch, reps = 256, 200
+    g = torch.Generator().manual_seed(0)
+    images[torch.randint(0, n, (batch,), generator=g)].sum()  # warm
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        x = images[torch.randint(0, n, (batch,), generator=g)]
+    gather = batch * reps / (time.perf_counter() - t0)
+    del x
+    path = tiers.paths(key)[0]
+    size_kb = path.stat().st_size / 1024
+    procs = [subprocess.Popen([sys.executable, "-c", MAPPER, key, str(n), str(res)], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(4)]
+    try:
+        for p in procs:
+            p.stdout.readline()
+        rows = [mapping_kb(p.pid, path) for p in procs]
+    finally:
+        for p in procs:
+            p.stdin.close()
+            p.wait()
+    pss = sum(r["Pss"] for r in rows)
+    return [f"gather from a {res}-px tier ({n} images, {size_kb / 1024:.0f} MiB, page cache warm): "
+            f"{gather:,.0f} images/s on 1 core (batches of {batch}, random rows)",
+            f"4 processes mapping that tier: Pss summed {pss / 1024:.1f} MiB = {pss / size_kb:.2f} x the file "
+            f"(each maps {min(r['Rss'] for r in rows) / 1024:.0f}-{max(r['Rss'] for r in rows) / 1024:.0f} MiB of it; "
+            f"this process maps it too, so five share the pages)"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="40 images of each kind, 1 process (CI)")
@@ -85,8 +152,12 @@ def main() -> None:
                          f"({procs} processes, {n} images, {wall:.1f} s, pool start included); "
                          f"{m['reencoded']} re-encoded; prepared {size / 2**20:.1f} MiB = "
                          f"{size / source_bytes:.2f} x the source")
+        tier_lines = tiers_figures(2000 if args.quick else 10000, 64 if args.quick else 128, Path(tmp) / "tiers")
     print(f"data prepare ({os.cpu_count()} CPUs here):")
     for line in lines:
+        print("  " + line)
+    print("tiers:")
+    for line in tier_lines:
         print("  " + line)
 
 

@@ -30,6 +30,15 @@ def error_line(res) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Trials' dataset tiers (workers/tiers.py) go to a folder of this test run, shared by its
+    tests and their subprocesses, not to ~/.cache/orch."""
+    d = tmp_path_factory.mktemp("tiers")
+    os.environ["ORCH_DATA_CACHE"] = str(d)
+    yield d
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray for the in-process tests, with 4 fake GPUs. Its token is an owner-only file

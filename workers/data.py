@@ -1,10 +1,11 @@
 """Datasets for trials: ``synthetic`` (default), ``imagefolder:PATH`` and ``prepared:PATH``
 (``orch data prepare``).
 
-Both end up as uint8 tensors (N, 3, H, W) plus int64 labels, held on the training device and
-augmented there (random crop with reflection padding and horizontal flip), so that the loop
-never waits for a data loader. Resizing to the trial's resolution happens once per dataset.
-Torch, numpy and Pillow only.
+Every one ends up as uint8 tensors (N, 3, H, W) plus int64 labels: node-local tiers
+(``workers/tiers.py``), built once per node and resolution and memory-mapped by every trial
+there. The loop gathers batches from them and augments on the device (random crop with
+reflection padding and horizontal flip), so it never waits for a data loader. Torch, numpy and
+Pillow only.
 
 ``synthetic`` is generated deterministically from a seed, with no download. Each class is a
 textured object (an oriented grating of a class frequency, inside a soft ellipse at a random
@@ -16,11 +17,16 @@ scale and clutter make depth and width matter. Pixel noise keeps the task from s
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
+
+from workers import tiers
 
 #: Native resolution of the synthetic images before resizing to a trial's resolution.
 SYNTHETIC_NATIVE = 64
@@ -28,8 +34,8 @@ from workers.datasets import (  # noqa: F401 - re-exported: the torch-free part 
     IMAGE_SUFFIXES, DatasetError, num_classes_of, parse_spec, scan_imagefolder,
 )
 from workers.defaults import SYNTHETIC_CLASSES, SYNTHETIC_TRAIN, SYNTHETIC_VAL  # noqa: F401 - re-exported
-#: Datasets above this many pixels*images are refused for the in-memory uint8 cache (~4 GiB).
-MAX_CACHE_BYTES = 4 << 30
+#: Bumped whenever the synthetic generator changes what it draws: old tiers are not reused.
+SYNTHETIC_VERSION = "v1"
 
 
 @dataclass
@@ -51,58 +57,72 @@ class Dataset:
     flip: bool = True
 
 
-def _load_images(files: list[tuple], resolution: int) -> Split:
-    """``files``: (path, label) or (encoded bytes, label, where) each."""
+def _decode_into(items, resolution: int, images, labels) -> None:
+    """Decode ``items`` ((path, label) or (encoded bytes, label, where)) into rows of ``images``
+    (uint8 (n, 3, R, R), a tier's map) and ``labels``: the shorter side resized to the
+    resolution, then a centred square crop."""
     import io
 
-    from PIL import Image  # Pillow: only needed for image folders
+    from PIL import Image  # Pillow: only needed for image files
 
-    n = len(files)
-    if n * 3 * resolution * resolution > MAX_CACHE_BYTES:
-        raise DatasetError(
-            f"{n} images at {resolution}px do not fit the in-memory cache; use a smaller --base-resolution or subset"
-        )
-    images = torch.empty((n, 3, resolution, resolution), dtype=torch.uint8)
-    labels = torch.empty(n, dtype=torch.int64)
-    for i, (src, label, *where) in enumerate(files):
+    for i, (src, label, *where) in enumerate(items):
         path = where[0] if where else src
         try:
             with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
                 im = im.convert("RGB")
-                # Resize the shorter side to the resolution, then centre-crop a square.
                 w, h = im.size
                 s = resolution / min(w, h)
                 im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
                 w, h = im.size
                 left, top = (w - resolution) // 2, (h - resolution) // 2
                 im = im.crop((left, top, left + resolution, top + resolution))
-                images[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3).permute(2, 0, 1)
+                images[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
         except (OSError, ValueError) as e:
             raise DatasetError(f"cannot decode image {str(path)!r}: {e}") from None
         labels[i] = label
-    return Split(images, labels)
+
+
+def _tier_split(key: str, n: int, resolution: int, fill) -> Split:
+    try:
+        return Split(*tiers.tier(key, n, resolution, fill))
+    except OSError as e:
+        raise DatasetError(f"cannot write the dataset cache {tiers.cache_dir()} ({e.strerror or e}); free space "
+                           f"there or point ORCH_DATA_CACHE at a local disk with room") from None
 
 
 def load_imagefolder(root: str, resolution: int) -> Dataset:
+    """An image folder at ``resolution``, as node-local tiers (keyed by every file's path, size
+    and modification time: a changed folder gets a new tier)."""
     classes, splits = scan_imagefolder(root)
-    return Dataset(
-        f"imagefolder:{root}",
-        len(classes),
-        _load_images(splits["train"], resolution),
-        _load_images(splits["val"], resolution),
-    )
+    out = {}
+    for split, files in splits.items():
+        stamp = hashlib.sha256()
+        for path, label in files:
+            st = path.stat()
+            stamp.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        key = f"imagefolder-v1|{stamp.hexdigest()}|{split}|{resolution}"
+        out[split] = _tier_split(key, len(files), resolution,
+                                 lambda im, lab, files=files: _decode_into(files, resolution, im, lab))
+    return Dataset(f"imagefolder:{root}", len(classes), out["train"], out["val"])
 
 
 def load_prepared(root: str, resolution: int) -> Dataset:
-    """A dataset ``orch data prepare`` made, decoded and resized like an image folder."""
-    from workers.prepared import PreparedError, iter_split, read_manifest
+    """A dataset ``orch data prepare`` made, at ``resolution``, as node-local tiers (keyed by
+    its manifest, which names every shard's checksum)."""
+    from workers.prepared import MANIFEST, PreparedError, iter_split, read_manifest
 
     try:
         manifest = read_manifest(root)
-        splits = {s: _load_images(list(iter_split(root, s, manifest)), resolution) for s in ("train", "val")}
+        digest = hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
+        out = {}
+        for split in ("train", "val"):
+            key = f"prepared-v1|{digest}|{split}|{resolution}"
+            out[split] = _tier_split(key, manifest["splits"][split]["count"], resolution,
+                                     lambda im, lab, split=split: _decode_into(iter_split(root, split, manifest),
+                                                                               resolution, im, lab))
     except PreparedError as e:
         raise DatasetError(str(e)) from None
-    return Dataset(f"prepared:{root}", len(manifest["classes"]), splits["train"], splits["val"])
+    return Dataset(f"prepared:{root}", len(manifest["classes"]), out["train"], out["val"])
 
 
 def _synthetic_split(n: int, num_classes: int, seed: int, native: int) -> Split:
@@ -153,6 +173,27 @@ def make_synthetic(seed: int, *, n_train: int = SYNTHETIC_TRAIN, n_val: int = SY
     )
 
 
+def load_synthetic(resolution: int, *, seed: int, synthetic_size: tuple[int, int] | None = None) -> Dataset:
+    """The synthetic task at ``resolution``, as node-local tiers like any dataset: generated
+    (and resized) once per node, not once per trial."""
+    n_train, n_val = synthetic_size or (SYNTHETIC_TRAIN, SYNTHETIC_VAL)
+    native: list[Dataset] = []
+
+    def fill(split: str):
+        def write(images, labels):
+            if not native:
+                native.append(make_synthetic(seed, n_train=n_train, n_val=n_val))
+            part = resize_split(getattr(native[0], split), resolution)
+            images[:] = part.images.numpy()
+            labels[:] = part.labels.numpy()
+        return write
+
+    out = {split: _tier_split(f"synthetic-{SYNTHETIC_VERSION}|{seed}|{n_train}|{n_val}|{SYNTHETIC_CLASSES}|"
+                              f"{SYNTHETIC_NATIVE}|{split}|{resolution}", n, resolution, fill(split))
+           for split, n in (("train", n_train), ("val", n_val))}
+    return Dataset("synthetic", SYNTHETIC_CLASSES, out["train"], out["val"], flip=False)
+
+
 def resize_split(split: Split, resolution: int) -> Split:
     """Area/bilinear resize of a uint8 split (antialiased when shrinking)."""
     if split.images.shape[-1] == resolution:
@@ -175,13 +216,7 @@ def load(spec: str, resolution: int, *, seed: int = 0, synthetic_size: tuple[int
     if key in _CACHE:
         return _CACHE[key]
     if kind == "synthetic":
-        n_train, n_val = synthetic_size or (SYNTHETIC_TRAIN, SYNTHETIC_VAL)
-        native_key = ("synthetic-native", seed, n_train, n_val)
-        if native_key not in _CACHE:
-            _CACHE[native_key] = make_synthetic(seed, n_train=n_train, n_val=n_val)
-        base = _CACHE[native_key]
-        ds = Dataset(base.name, base.num_classes, resize_split(base.train, resolution),
-                     resize_split(base.val, resolution), flip=base.flip)
+        ds = load_synthetic(resolution, seed=seed, synthetic_size=synthetic_size)
     elif kind == "prepared":
         ds = load_prepared(path, resolution)
     else:

@@ -118,6 +118,25 @@ def _normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _placed(split: data_mod.Split, device: torch.device) -> data_mod.Split:
+    """Where the loop gathers batches from: on a GPU, the whole split when it takes at most a
+    quarter of the free memory (indexing on the device is the fastest path); else the mapped tier
+    on the host, whose batches are gathered there and moved. On the CPU, the map itself."""
+    if device.type != "cuda":
+        return split
+    free, _ = torch.cuda.mem_get_info(device)
+    images = split.images.to(device, non_blocking=True) if split.images.numel() <= free // 4 else split.images
+    return data_mod.Split(images, split.labels.to(device, non_blocking=True))
+
+
+def _gather(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows ``idx`` of ``images`` on ``device`` (from a host map: gathered, pinned, copied)."""
+    if images.device == device:
+        return images[idx]
+    batch = images[idx.cpu()]
+    return (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def evaluate(model, split: data_mod.Split, device, *, batch_size: int, amp) -> tuple[float, float]:
     """Top-1 and mean loss over ``split``; with several ranks, each takes every world-th image
@@ -128,7 +147,7 @@ def evaluate(model, split: data_mod.Split, device, *, batch_size: int, amp) -> t
     loss_sum = torch.zeros((), device=device)
     images, labels = split.images[rank::world], split.labels[rank::world]
     for i in range(0, len(images), batch_size):
-        x = _normalize(images[i:i + batch_size])
+        x = _normalize(images[i:i + batch_size].to(device, non_blocking=True))
         y = labels[i:i + batch_size]
         with amp():
             logits = model(x)
@@ -191,9 +210,9 @@ def run(
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    train_x = ds.train.images.to(device, non_blocking=True)
-    train_y = ds.train.labels.to(device, non_blocking=True)
-    val = data_mod.Split(ds.val.images.to(device), ds.val.labels.to(device))
+    train = _placed(ds.train, device)
+    train_x, train_y = train.images, train.labels
+    val = _placed(ds.val, device)
     n = len(ds.train)
     bs = min(cfg["batch_size"], n // world)  # per rank
     gbs = bs * world  # global batch
@@ -223,7 +242,7 @@ def run(
             for group in opt.param_groups:
                 group["lr"] = cfg["lr"] * _lr_factor(step, total, warmup)
             idx = perm[s * gbs + rank * bs:s * gbs + (rank + 1) * bs]
-            x = data_mod.gpu_augment(_normalize(train_x[idx]), pad=pad, flip=ds.flip, generator=aug)
+            x = data_mod.gpu_augment(_normalize(_gather(train_x, idx, device)), pad=pad, flip=ds.flip, generator=aug)
             with amp():
                 loss = F.cross_entropy(fwd(x), train_y[idx], label_smoothing=cfg["label_smoothing"])
             opt.zero_grad(set_to_none=True)
