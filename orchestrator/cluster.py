@@ -95,12 +95,12 @@ def _info_now(address: str | None, started: bool) -> ClusterInfo:
 
 def grow_for(info: ClusterInfo, gpus: float | None, *, wait_s: float, on_wait=None, on_start=None) -> ClusterInfo:
     """The cluster with the ``--gpus`` budget up. As it is when it has the GPUs already, when no
-    budget is given, or when it cannot grow (the embedded instance, a fixed cluster:
+    budget is given, or when it cannot grow (no --address: the embedded instance; a fixed cluster:
     ``gpu_budget`` then says it is too small). Else its autoscaler is asked for them and this
     waits (``orchestrator.autoscale.grow``): ``on_start(want, up)`` once, ``on_wait`` each second."""
     from orchestrator import autoscale
 
-    if gpus is None or gpus <= info.gpus + 1e-9 or info.started_here or not autoscale.can_grow():
+    if gpus is None or gpus <= info.gpus + 1e-9 or info.started_here or not info.address or not autoscale.can_grow():
         return info
     if on_start is not None:
         on_start(gpus, info.gpus)

@@ -297,6 +297,7 @@ class ModelState(Unit):
     row: dict = field(default_factory=dict)  # the plan row
     wall_s: float | None = None
     earlier: bool = False  # finished by an earlier run of this scale
+    model_uri: str | None = None  # its weights as an MLflow model, once it finished
 
     @property
     def name(self) -> str:
@@ -364,6 +365,7 @@ class ScaleRun:
             m.history = {int(h["epoch"]): h for h in prev.history}
             m.run_id = prev.mlflow_run_id
             m.started_at = prev.started_at
+            m.model_uri = prev.model_uri
             if finished_before(prev, self.opts.epochs):
                 m.status, m.earlier, m.ended_at = Status.FINISHED, True, prev.ended_at
         if existing is not None:  # a dead driver may have recorded a model's end and died before ending its run
@@ -471,9 +473,38 @@ class ScaleRun:
         if m.epochs_done < self.opts.epochs:
             self._stop(m, Status.FAILED, f"the job ended after {m.epochs_done} of {self.opts.epochs} epochs")
             return
+        try:
+            m.model_uri = self._log_model(m, result.get("checkpoint"))
+        except Exception as e:  # noqa: BLE001 - the weights are trained but not where a team can use them
+            self._stop(m, Status.FAILED, f"logging its model to MLflow failed: {str(e).splitlines()[0] if str(e) else e!r}")
+            return
         self.rec.end(m, Status.FINISHED)
         faultpoint.reached("model-ended")
         self._changed()
+
+    def _log_model(self, m: ModelState, checkpoint) -> str:
+        """The member's final weights (its job's last checkpoint) as an MLflow model on its run."""
+        import numpy as np
+        import workers
+        from workers.model import build_model
+        from workers.train import load_checkpoint
+
+        if checkpoint is None:
+            raise RuntimeError("its job saved no checkpoint")
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d)
+        model = build_model(m.row["spec"])
+        model.load_state_dict(state["model"])
+        model.eval()
+        r = m.row
+        res = int(r["resolution"])
+        tags = {"orch.scale_id": self.scale_id, "orch.search_id": self.source.search.id, "orch.model": m.name,
+                "orch.phi": f"{r['phi']:g}", "orch.resolution": str(res), "orch.gmacs": f"{r['gmacs']:.4f}",
+                "orch.params": str(r["params"]), "orch.val_top1": f"{m.last('val_top1'):.4f}",
+                "orch.input": f"float32 (N, 3, {res}, {res}), RGB, (x / 255 - 0.5) / 0.25"}
+        example = np.zeros((1, 3, res, res), dtype=np.float32)
+        return self.tracker.log_torch_model(m.run_id, model, example=example, tags=tags,
+                                            code_dir=Path(workers.__file__).parent)
 
     def _stop(self, m: ModelState, status: str, error: str) -> None:
         self.rec.end(m, status, error)
@@ -485,7 +516,7 @@ class ScaleRun:
         self.store.upsert_scale_run(
             self.scale_id, m.name, phi=r["phi"], depth_mult=r["depth_mult"], width_mult=r["width_mult"],
             resolution=r["resolution"], network_key=r["network_key"], params=r["params"], gmacs=r["gmacs"],
-            batch_size=r["batch_size"], lr=r["lr"], workers=r["workers"], **f)
+            batch_size=r["batch_size"], lr=r["lr"], workers=r["workers"], model_uri=m.model_uri, **f)
 
     def _changed(self) -> None:
         if self.on_change:
@@ -545,7 +576,7 @@ def model_entry(m: ModelState) -> dict:
             "gmacs": r["gmacs"], "batch_size": r["batch_size"], "lr": r["lr"], "workers": r["workers"],
             "val_top1": m.last("val_top1"), "epochs_done": m.epochs_done, "status": m.status,
             "done_before": m.earlier, "train_s": round(sum(h.get("train_s", 0.0) for h in m.history.values()), 3),
-            "mlflow_run_id": m.run_id, "error": m.error}
+            "mlflow_run_id": m.run_id, "model_uri": m.model_uri, "error": m.error}
 
 
 def plot_family(points: list[tuple[str, float, float]], path: Path, *, title: str) -> Path:
@@ -601,3 +632,31 @@ def pending_models(store, scale_id: str, plan: list[dict], epochs: int) -> list[
     """The plan's models an earlier run of this scale has not finished."""
     done = {r.model for r in store.scale_runs(scale_id) if finished_before(r, epochs)}
     return [r["name"] for r in plan if r["name"] not in done]
+
+
+def alias_of(model: str) -> str:
+    """The registry alias of a member: B3 -> b3, B0.5 -> b0_5 (aliases take no dots)."""
+    return model.lower().replace(".", "_")
+
+
+def register_scale(store, tracker, scale_id: str, name: str) -> list[dict]:
+    """Every finished member of ``scale_id`` with a logged model as a version of the registered
+    model ``name``, aliased b0…b7; registering the same scale again makes no new versions.
+    Returns [{model, alias, version, created}]."""
+
+    sc = store.get_scale(scale_id)
+    if sc is None:
+        raise InputError(f"no scale {scale_id!r}; `orch runs list` shows the scales", param="SCALE_ID")
+    members = [r for r in store.scale_runs(scale_id) if r.status == Status.FINISHED and r.model_uri]
+    if not members:
+        raise InputError(f"scale {scale_id} has no finished member with a logged model (members trained before "
+                         f"orch logged models have none); run `orch scale` to train them", param="SCALE_ID")
+    versions = [{"alias": alias_of(r.model), "model_uri": r.model_uri, "run_id": r.mlflow_run_id,
+                 "key": {"orch.scale_id": scale_id, "orch.model": r.model},
+                 "tags": {"orch.search_id": sc.search_id, "orch.phi": f"{r.phi:g}", "orch.resolution": str(r.resolution),
+                          "orch.gmacs": f"{r.gmacs:.4f}", "orch.params": str(r.params),
+                          "orch.val_top1": f"{r.val_top1:.4f}" if r.val_top1 is not None else ""}}
+                for r in members]
+    done = tracker.register(name, versions, tags={"orch.kind": "family"})
+    return [{"model": r.model} | d for r, d in zip(members, done)]
+

@@ -6,7 +6,9 @@ through ``MlflowClient`` (no global fluent state), in batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -124,7 +126,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         uri = self.uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry lives beside the runs
         try:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
@@ -202,6 +204,82 @@ class Tracker:
 
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=MLFLOW_STATUS.get(status, status))
+
+    def log_torch_model(self, run_id: str, model, *, example, tags: dict, code_dir: str | os.PathLike) -> str:
+        """``model`` as an MLflow model of the PyTorch flavour, logged to run ``run_id`` (MLflow 3
+        records it as a model of its own, linked to the run), with a signature and an input
+        example from ``example``, ``tags``, and ``code_dir`` (orch's ``workers`` package, the
+        network's code) shipped with it, so a process with torch and mlflow alone loads it.
+        Returns its URI (``models:/<model id>``)."""
+        import mlflow
+        import numpy as np
+        import torch
+
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # its warning about pickle on every model: orch loads only its own
+        try:
+            with self._global(), mlflow.start_run(run_id=run_id):  # ending it is the caller's next step
+                # "pickle": load_model gives back the nn.Module (MLflow 3.17's default, a
+                # torch.export program, is fixed to the example's batch size and is not a module)
+                info = mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                                code_paths=[str(code_dir)], pip_requirements=requirements, tags=tags,
+                                                serialization_format="pickle")
+        finally:
+            quiet.setLevel(level)
+        return info.model_uri
+
+    @contextlib.contextmanager
+    def _global(self):
+        """This store as MLflow's global tracking URI for a while: its fluent API and its model
+        registry resolve ``models:/`` URIs through it. Setting it also sets MLFLOW_TRACKING_URI
+        in this process's environment (inherited by every later subprocess): both are put back."""
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            with _use_tracking_uri(self.uri):
+                yield
+        finally:
+            if env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env
+
+    def register(self, name: str, versions: list[dict], *, tags: dict | None = None) -> list[dict]:
+        """Each of ``versions`` ({alias, model_uri, run_id, key, tags}) as a version of the
+        registered model ``name`` under its alias. A version whose ``key`` tags match an existing
+        version's (the same member of the same scale) is that version again, not a new one.
+        Returns [{alias, version, created}]."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with self._global():
+                return self._register(name, versions, tags)
+        except MlflowException as e:
+            raise TrackingError(f"registering model {name!r} failed: {str(e).splitlines()[0]}",
+                                param="NAME", usage=e.error_code == "INVALID_PARAMETER_VALUE") from None
+
+    def _register(self, name: str, versions: list[dict], tags: dict | None) -> list[dict]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            self.client.create_registered_model(name, tags=tags)
+        existing = list(self.client.search_model_versions(f"name = '{name}'"))
+        out = []
+        for v in versions:
+            same = [x for x in existing if all(x.tags.get(k) == str(val) for k, val in v["key"].items())]
+            mv = same[0] if same else self.client.create_model_version(
+                name, source=v["model_uri"], run_id=v["run_id"], tags=v["key"] | v["tags"],
+                model_id=v["model_uri"].removeprefix("models:/"))
+            self.client.set_registered_model_alias(name, v["alias"], mv.version)
+            out.append({"alias": v["alias"], "version": int(mv.version), "created": not same})
+        return out
 
     def runs(self, tags: dict) -> list["RunView"]:
         """The runs carrying all these tags, with their status and tags."""

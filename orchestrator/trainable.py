@@ -224,7 +224,8 @@ def fit_job(model: str, train_cfg: dict, *, workers: int, use_gpu: bool, resourc
             storage_path: str, run_name: str, board, max_failures: int) -> dict:
     """One model as a Ray Train job. A task, so that several jobs run at once and cancelling
     it (force) takes the job's controller and workers down with it. Never raises: returns
-    ``{"ok": bool, "error": str | None, "wall_s": float}``. A job started again under the same
+    ``{"ok": bool, "error": str | None, "wall_s": float, "checkpoint": the last one (a Ray Train
+    Checkpoint, where the storage is) or None}``. A job started again under the same
     ``run_name`` and storage continues from its latest checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -247,10 +248,10 @@ def fit_job(model: str, train_cfg: dict, *, workers: int, use_gpu: bool, resourc
     )
     t0 = time.monotonic()
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as e:  # the job failed (out of retries): its reason, in one line
-        return {"ok": False, "error": job_error(e), "wall_s": time.monotonic() - t0}
-    return {"ok": True, "error": None, "wall_s": time.monotonic() - t0}
+        return {"ok": False, "error": job_error(e), "wall_s": time.monotonic() - t0, "checkpoint": None}
+    return {"ok": True, "error": None, "wall_s": time.monotonic() - t0, "checkpoint": result.checkpoint}
 
 
 def job_error(e: BaseException) -> str:

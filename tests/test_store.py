@@ -229,6 +229,9 @@ def test_past_revision_fixture_upgrades_to_head(tmp_path):
             assert "extra" not in search.config and search.config["seed"] == 3
         else:  # older searches had none of it: the columns' defaults
             assert (search.driver, search.resumes, search.phase, search.grid) == (None, 0, "search", None)
+        if rev == "0004":  # a member trained before 0005 has no logged model, and says so
+            (member,) = store.scale_runs("scale-old")
+            assert member.model == "B1" and member.val_top1 == 0.5 and member.model_uri is None
         store.close()
 
 
@@ -272,5 +275,5 @@ def test_migrations_have_exactly_one_head_and_a_linear_history():
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [head_revision()]
     revs = list(script.walk_revisions())
-    assert [r.revision for r in reversed(revs)] == ["0001", "0002", "0003", "0004"]
+    assert [r.revision for r in reversed(revs)] == ["0001", "0002", "0003", "0004", "0005"]
     assert all(len(r.nextrev) <= 1 for r in revs)  # no branches

@@ -95,6 +95,22 @@ def check_dataset(ctx, param, value):
     return value
 
 
+def check_model_name(ctx, param, value):
+    """A registered-model name MLflow accepts (checked before anything trains)."""
+    if value is None:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(value)
+    except MlflowException as e:
+        raise click.BadParameter(str(e).splitlines()[0]) from None
+    if "'" in value or '"' in value or value != value.strip():
+        raise click.BadParameter(f"{value!r}: use a name without quotes or surrounding spaces")
+    return value
+
+
 def num_classes_of(dataset: str) -> int:
     from workers.datasets import num_classes_of as count
 

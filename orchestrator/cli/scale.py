@@ -6,11 +6,12 @@ import click
 
 from orchestrator import scaling
 from orchestrator.cli.options import (
-    CheckedCommand, PhiList, check_dataset, check_id, not_above, one_of, open_store, open_tracker, run_options,
-    writable,
+    CheckedCommand, PhiList, check_dataset, check_id, check_model_name, not_above, one_of, open_store, open_tracker,
+    run_options, writable,
 )
 from orchestrator.cli.views import (
-    ScaleProgress, connect_and_grow, echo_json, print_dry_run, print_scale_outcome, results_only_stdout, stderr_console, stdout_console,
+    ScaleProgress, connect_and_grow, echo_json, print_dry_run, print_registered, print_scale_outcome,
+    results_only_stdout, stderr_console, stdout_console,
 )
 from orchestrator.errors import about
 from orchestrator.status import Status
@@ -59,11 +60,14 @@ from orchestrator.status import Status
               help="CPUs of each worker.")
 @click.option("--max-failures", type=click.IntRange(min=0, max=100), default=2, show_default=True,
               help="Restarts of a job whose worker died, from its last checkpoint.")
+@click.option("--register", "register_as", default=None, callback=check_model_name, metavar="NAME",
+              help="When the scale finishes, register its members in the MLflow model registry as versions of "
+              "NAME with aliases b0..b7 (models:/NAME@b3 loads B3). Again for the same scale: no new versions.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (as `orch plan` does) with each model's batch and lr; "
               "launch nothing.")
 @run_options
 def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpu_memory, gpus,
-          gpus_per_job, workers_per_job, cpus_per_worker, max_failures, dry_run, experiment, home, db_url,
+          gpus_per_job, workers_per_job, cpus_per_worker, max_failures, register_as, dry_run, experiment, home, db_url,
           tracking_uri, address, wait_s, storage, as_json):
     """Train the scaled family B0..Bk from a search's winning α, β, γ, one Ray Train job per model.
 
@@ -135,13 +139,18 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
     models = [scale_mod.model_entry(m) for m in outcome.models]
     url = compare_url("http://127.0.0.1:5000", tracker.experiment_id,
                       [m["mlflow_run_id"] for m in models if m["mlflow_run_id"]])
+    registered = None
+    if register_as and outcome.status == Status.FINISHED:
+        registered = scale_mod.register_scale(store, tracker, outcome.scale_id, register_as)
     if as_json:
         echo_json({"scale_id": outcome.scale_id, "mlflow_run_id": outcome.mlflow_run_id,
                    "search_id": outcome.search_id, "trial_id": outcome.trial_id, "status": outcome.status,
                    "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma, "models": models,
-                   "summary": outcome.summary, "compare_url": url})
+                   "summary": outcome.summary, "compare_url": url, "registered": registered})
     else:
         print_scale_outcome(stdout_console(), outcome, models, url, compound=opts.mode == "compound")
+        if registered:
+            print_registered(stdout_console(), register_as, registered)
     if outcome.status == Status.INTERRUPTED:
         raise SystemExit(130)
 

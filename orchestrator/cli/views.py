@@ -326,7 +326,25 @@ def print_scale(out, sc, models: list[dict]) -> None:
     if sc.error:
         out.print(f"error: {sc.error}", highlight=False)
     out.print(models_table(models, "models"))
+    print_model_uris(out, models)
     print_family(sc.id, models, reference=c.get("mode") == "compound")
+
+
+def print_registered(out, name: str, versions: list[dict]) -> None:
+    """What `--register` / `orch register` did: each member's version and alias."""
+    made = sum(v["created"] for v in versions)
+    out.print(f"registered model {name}: " + ", ".join(f"{v['model']} v{v['version']} @{v['alias']}" for v in versions)
+              + f" ({made} new, {len(versions) - made} already there); load one with "
+              f"mlflow.pytorch.load_model('models:/{name}@{versions[-1]['alias']}')", highlight=False)
+
+
+def print_model_uris(out, models: list[dict]) -> None:
+    """Where each trained member's weights are, as MLflow models."""
+    logged = [m for m in models if m.get("model_uri")]
+    if logged:
+        out.print("MLflow models (mlflow.pytorch.load_model(URI)):", highlight=False)
+        for m in logged:
+            out.print(f"  {m['name']}: {m['model_uri']}", highlight=False)
 
 
 def print_dry_run(out, title: str, rows: list[dict], opts) -> None:
@@ -349,6 +367,7 @@ def print_scale_outcome(out, outcome, models: list[dict], url: str, *, compound:
     s = outcome.summary
     out.print(models_table(models, f"scale {outcome.scale_id} {outcome.status}: {len(s['trained_now'])} trained "
                                    f"now, {len(s['done_before'])} earlier, {s['wall_s']:.0f}s wall"))
+    print_model_uris(out, models)
     print_family(outcome.scale_id, models, reference=compound)
     out.print(f"next: orch ui --scale {outcome.scale_id}   then open {url}\n"
               f"  there: Scatter Plot, X-axis gmacs, Y-axis val_top1_final (the family); the parent run "

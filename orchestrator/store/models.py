@@ -114,6 +114,7 @@ class ScaleRun(Base):
     batch_size: Mapped[int] = mapped_column(Integer)  # per worker
     lr: Mapped[float] = mapped_column(Float)
     workers: Mapped[int] = mapped_column(Integer)
+    model_uri: Mapped[str | None] = mapped_column(Text, nullable=True)  # the logged MLflow model (0005)
     status: Mapped[str] = mapped_column(String(20))  # orchestrator.status.Status
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)

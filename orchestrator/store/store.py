@@ -169,6 +169,7 @@ class ScaleRunRecord(UnitRecord):
     batch_size: int
     lr: float
     workers: int
+    model_uri: str | None = None  # models:/<id>, the member's weights as an MLflow model
 
 
 def _record(cls, row):
