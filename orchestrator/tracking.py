@@ -230,6 +230,13 @@ class Tracker:
             quiet.setLevel(level)
         return info.model_uri
 
+    def load_torch_model(self, model_uri: str):
+        """The nn.Module of a model ``log_torch_model`` logged."""
+        import mlflow
+
+        with self._global():
+            return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
     @contextlib.contextmanager
     def _global(self):
         """This store as MLflow's global tracking URI for a while: its fluent API and its model

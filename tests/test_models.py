@@ -108,3 +108,52 @@ def test_members_are_mlflow_models_that_load_anywhere_and_register_once(ray_sess
     assert res.exit_code == 2 and "NAME" in error_line(res)
     # logging models left no tracking URI behind in this process's environment (its subprocesses')
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+    # export: each format gives the PyTorch model's outputs on a fixed batch (not the export's
+    # example batch size: the batch dimension is dynamic), with its card
+    import numpy as np
+    import onnxruntime
+    from safetensors.torch import load_file
+
+    from orchestrator.tracking import Tracker
+    from workers.model import build_model
+
+    reference = Tracker(tracking, "compound-scaling").load_torch_model(models["B1"]["model_uri"]).eval()
+    x = torch.randn(3, 3, models["B1"]["resolution"], models["B1"]["resolution"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(x)
+    outputs = {}
+    for fmt in ("pt2", "safetensors", "onnx"):
+        path = tmp_path / "export" / f"b1.{fmt}"
+        res = CliRunner().invoke(main, ["export", out["scale_id"], "--model", "B1", "--format", fmt, "--out", str(path),
+                                        "--json"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        card = json.loads(res.stdout)
+        assert json.loads((tmp_path / "export" / f"b1.{fmt}.card.json").read_text())["val_top1"] == models["B1"]["val_top1"]
+        assert card["classes"] == [str(i) for i in range(10)] and card["resolution"] == models["B1"]["resolution"]
+        assert card["command"].startswith(f"orch scale --from-run {search_id}") and card["dataset_digest"].startswith("sha256:")
+        assert "val top-1" in (tmp_path / "export" / f"b1.{fmt}.card.md").read_text()
+        if fmt == "pt2":
+            with torch.no_grad():
+                outputs[fmt] = torch.export.load(str(path)).module()(x)
+        elif fmt == "safetensors":
+            net = build_model(card["spec"])
+            net.load_state_dict(load_file(str(path)))
+            with torch.no_grad():
+                outputs[fmt] = net.eval()(x)
+        else:
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            outputs[fmt] = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert torch.equal(outputs["safetensors"], want)  # the same weights in the same network
+    assert torch.allclose(outputs["pt2"], want, atol=1e-5, rtol=0), (outputs["pt2"] - want).abs().max()
+    assert np.allclose(outputs["onnx"].numpy(), want.numpy(), atol=1e-4, rtol=0), (outputs["onnx"] - want).abs().max()
+
+    # what cannot be exported: one line each
+    res = CliRunner().invoke(main, ["export", out["scale_id"], "--model", "B9", "--format", "pt2", "--out",
+                                    str(tmp_path / "x.pt2")])
+    assert res.exit_code == 2 and "no member 'B9'" in error_line(res)
+    res = CliRunner().invoke(main, ["export", out["scale_id"], "--format", "pt2", "--out", str(tmp_path / "x.pt2")])
+    assert res.exit_code == 2 and "--model" in error_line(res)
+    res = CliRunner().invoke(main, ["export", models["B0"]["mlflow_run_id"], "--format", "safetensors", "--out",
+                                    "/proc/b0.safetensors"])
+    assert res.exit_code == 2 and "cannot write" in error_line(res)

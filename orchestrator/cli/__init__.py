@@ -46,6 +46,7 @@ def main():
     orch search --gpus 8           the φ=1 search as Ray Tune trials (Optuna + ASHA)
     orch scale --from-run <id>     train B1..B7 from a search's winner
     orch register <scale> NAME     the family in the MLflow model registry (models:/NAME@b3)
+    orch export <scale> --model B3 --format onnx --out b3.onnx
     orch ui                        compare the family in the MLflow UI
     orch data prepare SRC DEST     shard an image folder or Parquet set for training
     """
@@ -67,6 +68,7 @@ def main():
 def _attach() -> None:
     from orchestrator.cli.data import data
     from orchestrator.cli.db import db
+    from orchestrator.cli.export import export
     from orchestrator.cli.plan import plan
     from orchestrator.cli.register import register
     from orchestrator.cli.runs import runs
@@ -74,7 +76,7 @@ def _attach() -> None:
     from orchestrator.cli.search import search
     from orchestrator.cli.ui import ui
 
-    for command in (plan, search, scale, register, runs, ui, data, db):
+    for command in (plan, search, scale, register, export, runs, ui, data, db):
         main.add_command(command)
 
 
