@@ -111,7 +111,8 @@ def card_markdown(k: dict) -> str:
         f"| classes | {classes} |",
         f"| GMACs | {k['gmacs']:.4f} |",
         f"| parameters | {k['params']:,} |",
-        f"| val top-1 | {k['val_top1']:.4f} after {k['epochs']} epochs |" if k["val_top1"] is not None else "| val top-1 | - |",
+        f"| val top-1 | {k['val_top1']:.4f} after {k['epochs']} epochs ({k.get('weights', 'raw')} weights) |"
+        if k["val_top1"] is not None else "| val top-1 | - |",
         f"| dataset | {k['dataset']} ({k['dataset_digest']}) |",
         f"| trained by | `{k['command']}` |",
         f"| MLflow | run {k['mlflow_run_id']}, model {k['model_uri']} |",
@@ -142,7 +143,10 @@ def export(store, tracker, ident: str, model: str | None, fmt: str, out: Path) -
                           param="--out") from None
     net = tracker.load_torch_model(row.model_uri).eval()
     example = torch.zeros(2, 3, row.resolution, row.resolution)
-    k = card(sc, row) | {"format": fmt, "file": str(out)}
+    tags = tracker.model_tags(row.model_uri)
+    k = card(sc, row) | {"format": fmt, "file": str(out), "weights": tags.get("orch.weights", "raw")}
+    if tags.get("orch.val_top1") not in (None, "", "None"):  # the accuracy of the weights exported
+        k["val_top1"] = float(tags["orch.val_top1"])
     try:
         if fmt == "pt2":
             batch = torch.export.Dim("batch", min=1, max=4096)

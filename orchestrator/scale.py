@@ -298,6 +298,12 @@ class ModelState(Unit):
     wall_s: float | None = None
     earlier: bool = False  # finished by an earlier run of this scale
     model_uri: str | None = None  # its weights as an MLflow model, once it finished
+    weights: str | None = None  # which the model holds: "raw" or "ema" (the moving average)
+
+    @property
+    def model_top1(self) -> float | None:
+        """The val top-1 of the weights its model holds."""
+        return self.last("ema_val_top1") if self.weights == "ema" else self.last("val_top1")
 
     @property
     def name(self) -> str:
@@ -426,7 +432,7 @@ class ScaleRun:
     def _train_cfg(self, m: ModelState) -> dict:
         o = self.opts
         return defaults.Training(o.dataset, o.epochs, m.row["batch_size"], m.row["lr"], o.seed, o.seed,
-                                 o.synthetic_size).config() | {"spec": m.row["spec"]}
+                                 o.synthetic_size).config() | {"spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY}
 
     def _start(self, m: ModelState) -> None:
         r = m.row
@@ -487,20 +493,23 @@ class ScaleRun:
         import numpy as np
         import workers
         from workers.model import build_model
-        from workers.train import load_checkpoint
+        from workers.train import ema_weights, load_checkpoint
 
         if checkpoint is None:
             raise RuntimeError("its job saved no checkpoint")
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d)
         model = build_model(m.row["spec"])
-        model.load_state_dict(state["model"])
+        # the better of the weights and their moving average, by the last epoch's val top-1
+        averaged = ema_weights(state)
+        m.weights = "ema" if averaged is not None and (m.last("ema_val_top1") or 0) > (m.last("val_top1") or 0) else "raw"
+        model.load_state_dict(averaged if m.weights == "ema" else state["model"])
         model.eval()
         r = m.row
         res = int(r["resolution"])
         tags = {"orch.scale_id": self.scale_id, "orch.search_id": self.source.search.id, "orch.model": m.name,
                 "orch.phi": f"{r['phi']:g}", "orch.resolution": str(res), "orch.gmacs": f"{r['gmacs']:.4f}",
-                "orch.params": str(r["params"]), "orch.val_top1": f"{m.last('val_top1'):.4f}",
+                "orch.params": str(r["params"]), "orch.val_top1": str(m.model_top1), "orch.weights": m.weights,
                 "orch.input": f"float32 (N, 3, {res}, {res}), RGB, (x / 255 - 0.5) / 0.25"}
         example = np.zeros((1, 3, res, res), dtype=np.float32)
         return self.tracker.log_torch_model(m.run_id, model, example=example, tags=tags,
@@ -576,7 +585,8 @@ def model_entry(m: ModelState) -> dict:
             "gmacs": r["gmacs"], "batch_size": r["batch_size"], "lr": r["lr"], "workers": r["workers"],
             "val_top1": m.last("val_top1"), "epochs_done": m.epochs_done, "status": m.status,
             "done_before": m.earlier, "train_s": round(sum(h.get("train_s", 0.0) for h in m.history.values()), 3),
-            "mlflow_run_id": m.run_id, "model_uri": m.model_uri, "error": m.error}
+            "mlflow_run_id": m.run_id, "model_uri": m.model_uri, "ema_val_top1": m.last("ema_val_top1"),
+            "weights": m.weights, "model_val_top1": m.model_top1, "error": m.error}
 
 
 def plot_family(points: list[tuple[str, float, float]], path: Path, *, title: str) -> Path:

@@ -22,7 +22,8 @@ from orchestrator.status import MLFLOW_STATUS
 #: How long an unreachable tracking server may keep `orch` waiting before it gives up.
 CONNECT_TIMEOUT_S = 10.0
 #: The per-epoch metrics of every trial's and model's run (the store keeps them in each row's history).
-EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s", "peak_mem_mb")
+EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s", "peak_mem_mb", "ema_val_top1",
+                 "ema_val_loss")
 
 
 class TrackingError(OrchError):
@@ -229,6 +230,10 @@ class Tracker:
         finally:
             quiet.setLevel(level)
         return info.model_uri
+
+    def model_tags(self, model_uri: str) -> dict:
+        """The tags of a logged model (``models:/<model id>``)."""
+        return dict(self.client.get_logged_model(model_uri.removeprefix("models:/")).tags)
 
     def load_torch_model(self, model_uri: str):
         """The nn.Module of a model ``log_torch_model`` logged."""

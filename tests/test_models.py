@@ -65,6 +65,19 @@ def test_members_are_mlflow_models_that_load_anywhere_and_register_once(ray_sess
     assert set(models) == {"B0", "B1"} and all(m["model_uri"].startswith("models:/") for m in models.values())
     assert [(r["model"], r["alias"], r["created"]) for r in out["registered"]] == [("B0", "b0", True), ("B1", "b1", True)]
 
+    # both the weights and their moving average were evaluated every epoch, and recorded; the
+    # logged model holds the better of the two at the end, and says which
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    for name, m in models.items():
+        assert m["ema_val_top1"] is not None and m["weights"] in ("raw", "ema")
+        better = "ema" if m["ema_val_top1"] > m["val_top1"] else "raw"
+        assert m["weights"] == better and m["model_val_top1"] == max(m["val_top1"], m["ema_val_top1"])
+        assert [x.step for x in client.get_metric_history(m["mlflow_run_id"], "ema_val_top1")] == [1]
+        tags = client.get_logged_model(m["model_uri"].removeprefix("models:/")).tags
+        assert tags["orch.weights"] == m["weights"] and float(tags["orch.val_top1"]) == m["model_val_top1"]
+
     # `orch runs show` names each member's model, in the table and in --json
     res = CliRunner().invoke(main, ["runs", "show", out["scale_id"]], catch_exceptions=False)
     assert models["B1"]["model_uri"] in res.output
@@ -89,7 +102,7 @@ def test_members_are_mlflow_models_that_load_anywhere_and_register_once(ray_sess
     for name, m in models.items():
         for uri in (m["model_uri"], f"models:/family@{name.lower()}"):
             acc = _fresh(FRESH.format(site=site, tracking=tracking, val=vals[name], uris=[uri]), empty)[uri]
-            assert abs(acc - m["val_top1"]) < 1e-6, (name, uri, acc, m["val_top1"])
+            assert abs(acc - m["model_val_top1"]) < 1e-6, (name, uri, acc, m["model_val_top1"], m["weights"])
 
     # registering the same scale again makes no new versions
     res = CliRunner().invoke(main, ["register", out["scale_id"], "family", "--json"], catch_exceptions=False)
@@ -97,8 +110,6 @@ def test_members_are_mlflow_models_that_load_anywhere_and_register_once(ray_sess
     again = json.loads(res.stdout)["versions"]
     assert [(v["alias"], v["created"]) for v in again] == [("b0", False), ("b1", False)]
     assert [v["version"] for v in again] == [r["version"] for r in out["registered"]]
-    from mlflow.tracking import MlflowClient
-
     assert len(MlflowClient(tracking).search_model_versions("name = 'family'")) == 2
 
     # what cannot be registered: one line each
@@ -129,7 +140,7 @@ def test_members_are_mlflow_models_that_load_anywhere_and_register_once(ray_sess
                                         "--json"], catch_exceptions=False)
         assert res.exit_code == 0, res.output
         card = json.loads(res.stdout)
-        assert json.loads((tmp_path / "export" / f"b1.{fmt}.card.json").read_text())["val_top1"] == models["B1"]["val_top1"]
+        assert json.loads((tmp_path / "export" / f"b1.{fmt}.card.json").read_text())["val_top1"] == models["B1"]["model_val_top1"]
         assert card["classes"] == [str(i) for i in range(10)] and card["resolution"] == models["B1"]["resolution"]
         assert card["command"].startswith(f"orch scale --from-run {search_id}") and card["dataset_digest"].startswith("sha256:")
         assert "val top-1" in (tmp_path / "export" / f"b1.{fmt}.card.md").read_text()

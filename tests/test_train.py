@@ -81,3 +81,29 @@ def test_undecodable_image_is_a_clear_error(tmp_path):
             (tmp_path / split / cls / "x.png").write_bytes(b"not a png")
     with pytest.raises(data.DatasetError, match="cannot decode"):
         data.load_imagefolder(str(tmp_path), 32)
+
+
+def test_the_weight_average_follows_the_num_updates_rule():
+    """min(decay, (1 + n) / (10 + n)) after n updates: a short run averages its last steps, a long
+    one approaches the decay; BatchNorm statistics are averaged too, and a checkpoint's average
+    loads into a bare network."""
+    from workers.train import _ema, ema_weights
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    ema = _ema(net, 0.9999)
+    start = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.add_(1.0)
+    ema.update_parameters(net)  # the first update copies (AveragedModel's own rule)
+    assert torch.allclose(ema.module[0].weight, start + 1)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema.update_parameters(net)  # n = 1: k = 2/11 of the average, 9/11 of the new weights
+    k = 2 / 11
+    assert torch.allclose(ema.module[0].weight, k * (start + 1) + (1 - k) * (start + 2), atol=1e-6)
+    assert torch.allclose(ema.module[1].running_mean, torch.ones(2))  # buffers averaged (both 1 here)
+    bare = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    bare.load_state_dict(ema_weights({"ema": ema.state_dict()}))
+    assert torch.equal(bare[0].weight, ema.module[0].weight)
+    assert ema_weights({"ema": None}) is None

@@ -18,6 +18,9 @@ LR = 0.1
 #: 3 saturates the task, so every candidate ties and the ranking is noise; 2 leaves room to rank
 #: and costs two thirds.
 EPOCHS = 2
+#: Scaled jobs keep an exponential moving average of the weights with this decay (see
+#: workers/train.py DEFAULTS['ema_decay'] for how short runs use it); the paper's recipe.
+EMA_DECAY = 0.9999
 
 #: Size of the synthetic task: big enough to rank candidates, small enough for a laptop CPU.
 SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 1536, 512, 10

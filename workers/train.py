@@ -39,6 +39,11 @@ DEFAULTS = {
     "warmup_frac": 0.1,  # linear warm-up over this fraction of all steps, then cosine to 0
     "compile": False,  # torch.compile the model (pays off on GPU for long trials)
     "bn_momentum": None,  # None: auto, see _bn_momentum
+    # An exponential moving average of the weights (and BatchNorm statistics), evaluated beside
+    # them each epoch (None: none). The decay after n updates is min(ema_decay, (1 + n) / (10 + n)),
+    # TensorFlow's num_updates rule the paper's recipe uses: ~12 recent steps after 100 updates,
+    # so short runs average their last steps, and long ones approach ema_decay.
+    "ema_decay": None,
 }
 
 
@@ -137,6 +142,25 @@ def _gather(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> to
     return (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
 
 
+def _ema(model: torch.nn.Module, decay: float):
+    """The averaged copy of ``model`` (see DEFAULTS["ema_decay"])."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def average(avg: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        k = torch.clamp((1 + n) / (10 + n), max=decay).to(avg.dtype)
+        return avg * k + current * (1 - k)
+
+    return AveragedModel(model, avg_fn=average, use_buffers=True)
+
+
+def ema_weights(ckpt: dict) -> dict | None:
+    """The averaged network's state dict out of a checkpoint (None: it kept none)."""
+    ema = ckpt.get("ema")
+    if not ema:
+        return None
+    return {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}
+
+
 @torch.no_grad()
 def evaluate(model, split: data_mod.Split, device, *, batch_size: int, amp) -> tuple[float, float]:
     """Top-1 and mean loss over ``split``; with several ranks, each takes every world-th image
@@ -192,11 +216,14 @@ def run(
         _param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], momentum=0.9, nesterov=True,
         **({"fused": True} if cuda else {}),
     )
+    ema = _ema(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
     history: list[dict] = []
     start_epoch = 0
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         history = list(state.get("history", []))
         start_epoch = int(state["epoch"])
     rank, world = _dist()
@@ -248,6 +275,8 @@ def run(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss.detach()
         if cuda:
             torch.cuda.synchronize()
@@ -259,6 +288,7 @@ def run(
         # Several ranks evaluate the bare module: DDP's forward would add collectives whose
         # count depends on each rank's shard size.
         val_top1, val_loss = evaluate(fwd if world == 1 else model, val, device, batch_size=max(bs, 256), amp=amp)
+        averaged = evaluate(ema.module, val, device, batch_size=max(bs, 256), amp=amp) if ema is not None else None
         eval_s = time.perf_counter() - t1
         if not math.isfinite(val_loss):
             raise TrialDiverged(f"validation loss became {val_loss} in epoch {epoch + 1}; lower the learning rate")
@@ -272,6 +302,8 @@ def run(
             "images_per_s": steps_per_epoch * gbs / train_s,
             "params_m": n_params / 1e6,
         }
+        if averaged is not None:
+            metrics["ema_val_top1"], metrics["ema_val_loss"] = averaged
         if device.type == "cuda":  # the device reports it; CPU memory is the process's, not the model's
             metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if world > 1:
@@ -283,6 +315,7 @@ def run(
             "epoch": epoch + 1,
             "config": cfg,
             "history": history,
+            "ema": ema.state_dict() if ema is not None else None,
         }
         report(metrics, ckpt)
     return history
