@@ -52,7 +52,7 @@ def find_member(store, ident: str, model: str | None):
 
 def dataset_identity(spec: str, seed: int | None, synthetic_size) -> tuple[list[str] | None, str]:
     """(class names, digest) of the dataset a member trained on, as far as this machine can see it."""
-    from workers.datasets import DatasetError, parse_spec, scan_imagefolder
+    from workers.datasets import DatasetError, files_digest, parse_spec, scan_imagefolder
     from workers.defaults import SYNTHETIC_CLASSES
 
     kind, path = parse_spec(spec)
@@ -60,23 +60,18 @@ def dataset_identity(spec: str, seed: int | None, synthetic_size) -> tuple[list[
         ident = f"synthetic seed={seed} size={list(synthetic_size) if synthetic_size else 'default'}"
         return [str(i) for i in range(SYNTHETIC_CLASSES)], "sha256:" + hashlib.sha256(ident.encode()).hexdigest()
     if kind == "prepared":
-        from workers.prepared import MANIFEST, PreparedError, read_manifest
+        from workers.prepared import PreparedError, manifest_digest, read_manifest
 
         try:
             manifest = read_manifest(path)
         except PreparedError:
             return None, "unavailable (the prepared dataset is not on this machine)"
-        return list(manifest["classes"]), "sha256:" + hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
+        return list(manifest["classes"]), "sha256:" + manifest_digest(path)
     try:
         classes, splits = scan_imagefolder(path)
     except DatasetError:
         return None, "unavailable (the image folder is not on this machine)"
-    h = hashlib.sha256()
-    for split in ("train", "val"):
-        for p, label in splits[split]:
-            st = p.stat()
-            h.update(f"{p.relative_to(path)}\0{label}\0{st.st_size}\n".encode())
-    return classes, "sha256:" + h.hexdigest()
+    return classes, "sha256:" + files_digest(splits["train"] + splits["val"], path)
 
 
 def card(sc, row) -> dict:
@@ -156,7 +151,7 @@ def export(store, tracker, ident: str, model: str | None, fmt: str, out: Path) -
             from safetensors.torch import save_file
 
             save_file({n: t.detach().contiguous() for n, t in net.state_dict().items()}, str(tmp))
-            k["spec"] = net.spec if hasattr(net, "spec") else None
+            k["spec"] = net.spec  # what builds the network these weights fit
         elif fmt == "onnx":
             try:
                 import onnx  # noqa: F401

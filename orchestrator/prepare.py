@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -40,6 +41,7 @@ import numpy as np
 
 from orchestrator.errors import InputError
 from workers import prepared as fmt
+from workers.datasets import files_digest
 
 #: Default cap of an image's short side: B7's 600 px crops at full detail, and ImageNet's median
 #: photo (about 500 x 375) is kept as it is.
@@ -110,18 +112,13 @@ def scan_imagefolder(root: Path) -> Source:
         listed[split] = entries
     if not listed["val"]:
         raise PrepareError(f"{str(root / 'val')!r} has no images of the train classes")
-    h = hashlib.sha256()
-    for split in fmt.SPLITS:
-        for c, fs in files[split].items():
-            for p in fs:
-                st = p.stat()
-                h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    fingerprint = files_digest([(p, c) for split in fmt.SPLITS for c, fs in files[split].items() for p in fs], root)
 
     def items(split: str, start: int):
         yield from listed[split][start:]
 
     notes = [f"empty class folders dropped: {', '.join(dropped)}"] if dropped else []
-    return Source("imagefolder", root, classes, {s: len(listed[s]) for s in fmt.SPLITS}, h.hexdigest(), items,
+    return Source("imagefolder", root, classes, {s: len(listed[s]) for s in fmt.SPLITS}, fingerprint, items,
                   notes, dropped, unknown)
 
 
@@ -422,7 +419,7 @@ def _prepare(source: Source, dest: Path, *, short_side: int = SHORT_SIDE, shard_
 
             it = source.items(split, start)
             while True:
-                window = [(name, label, src, short_side, QUALITY) for name, label, src in _take(it, WINDOW)]
+                window = [(name, label, src, short_side, QUALITY) for name, label, src in itertools.islice(it, WINDOW)]
                 if not window:
                     break
                 for res in pool.imap(encode, window, chunksize=max(1, min(16, len(window) // procs))):
@@ -446,15 +443,6 @@ def _prepare(source: Source, dest: Path, *, short_side: int = SHORT_SIDE, shard_
             if rows or skipped:
                 close(consumed)
     return Prepared(dest, _finish(source, dest, state, key, skip_bad, note), resumed)
-
-
-def _take(it, n):
-    out = []
-    for x in it:
-        out.append(x)
-        if len(out) == n:
-            break
-    return out
 
 
 def _finish(source: Source, dest: Path, state: dict, key: dict, skip_bad: bool, note) -> dict:

@@ -17,10 +17,8 @@ scale and clutter make depth and width matter. Pixel noise keeps the task from s
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +29,7 @@ from workers import tiers
 #: Native resolution of the synthetic images before resizing to a trial's resolution.
 SYNTHETIC_NATIVE = 64
 from workers.datasets import (  # noqa: F401 - re-exported: the torch-free part of this module
-    IMAGE_SUFFIXES, DatasetError, num_classes_of, parse_spec, scan_imagefolder,
+    IMAGE_SUFFIXES, DatasetError, files_digest, num_classes_of, parse_spec, scan_imagefolder,
 )
 from workers.defaults import SYNTHETIC_CLASSES, SYNTHETIC_TRAIN, SYNTHETIC_VAL  # noqa: F401 - re-exported
 #: Bumped whenever the synthetic generator changes what it draws: old tiers are not reused.
@@ -96,11 +94,7 @@ def load_imagefolder(root: str, resolution: int) -> Dataset:
     classes, splits = scan_imagefolder(root)
     out = {}
     for split, files in splits.items():
-        stamp = hashlib.sha256()
-        for path, label in files:
-            st = path.stat()
-            stamp.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        key = f"imagefolder-v1|{stamp.hexdigest()}|{split}|{resolution}"
+        key = f"imagefolder-v1|{files_digest(files)}|{split}|{resolution}"
         out[split] = _tier_split(key, len(files), resolution,
                                  lambda im, lab, files=files: _decode_into(files, resolution, im, lab))
     return Dataset(f"imagefolder:{root}", len(classes), out["train"], out["val"])
@@ -109,11 +103,11 @@ def load_imagefolder(root: str, resolution: int) -> Dataset:
 def load_prepared(root: str, resolution: int) -> Dataset:
     """A dataset ``orch data prepare`` made, at ``resolution``, as node-local tiers (keyed by
     its manifest, which names every shard's checksum)."""
-    from workers.prepared import MANIFEST, PreparedError, iter_split, read_manifest
+    from workers.prepared import PreparedError, iter_split, manifest_digest, read_manifest
 
     try:
         manifest = read_manifest(root)
-        digest = hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
+        digest = manifest_digest(root)
         out = {}
         for split in ("train", "val"):
             key = f"prepared-v1|{digest}|{split}|{resolution}"

@@ -92,3 +92,18 @@ def num_classes_of(spec: str) -> int:
 
         return len(read_manifest(path)["classes"])
     return len(scan_imagefolder(path)[0])
+
+
+def files_digest(files, root: str | os.PathLike | None = None) -> str:
+    """SHA-256 of (path, label, size, modification time) of each of ``files`` ((path, label)
+    pairs), paths relative to ``root`` when given: what identifies an image folder as it is on
+    disk (a file added, removed, changed or touched gives another digest)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, label in files:
+        st = Path(path).stat()
+        name = Path(path).relative_to(root) if root is not None else path
+        h.update(f"{name}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+

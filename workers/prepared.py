@@ -47,6 +47,11 @@ def sha256_of(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(root: str | os.PathLike) -> str:
+    """SHA-256 of the manifest, which names every shard's checksum: the dataset's identity."""
+    return hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
     """The manifest of the prepared dataset at ``root``; PreparedError when there is none (a
     preparation that did not finish) or it is not one orch can read."""
