@@ -61,9 +61,8 @@ def make_models(name: str, resolution: int, compile_ours: bool) -> list[tuple[st
     return out
 
 
-def bare_step_throughput(model, device, resolution: int, batch: int, steps: int, warmup: int,
-                         num_classes: int = 1000) -> tuple[float, float | None]:
-    """images/s of forward+backward+SGD step on random on-device data; peak memory in GB."""
+def bare_step(model, device, resolution: int, batch: int, num_classes: int = 1000):
+    """One forward+backward+SGD step of ``model`` on random on-device data, as a function."""
     cuda = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
@@ -77,6 +76,15 @@ def bare_step_throughput(model, device, resolution: int, batch: int, steps: int,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    return step
+
+
+def bare_step_throughput(model, device, resolution: int, batch: int, steps: int, warmup: int,
+                         num_classes: int = 1000) -> tuple[float, float | None]:
+    """images/s of forward+backward+SGD step on random on-device data; peak memory in GB."""
+    cuda = device.type == "cuda"
+    step = bare_step(model, device, resolution, batch, num_classes)
 
     if cuda:
         torch.cuda.synchronize()

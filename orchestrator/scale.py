@@ -146,6 +146,7 @@ class ScaleOptions:
     cpus_per_worker: float = 1.0
     max_failures: int = 2
     experiment: str = "compound-scaling"
+    compile: str = defaults.COMPILE
 
     IDENTITY = ("mode", "phis", "baseline", "epochs", "dataset", "base_resolution", "num_classes", "batch_size",
                 "lr", "batch_rule", "workers", "seed", "synthetic_size")
@@ -200,6 +201,7 @@ class ScaleOptions:
             cpus_per_worker=given.get("cpus_per_worker") or base.cpus_per_worker,
             max_failures=given["max_failures"] if given.get("max_failures") is not None else base.max_failures,
             experiment=given.get("experiment") or base.experiment,
+            compile=pick("compile"),
         )
 
 
@@ -432,7 +434,7 @@ class ScaleRun:
     def _train_cfg(self, m: ModelState) -> dict:
         o = self.opts
         return defaults.Training(o.dataset, o.epochs, m.row["batch_size"], m.row["lr"], o.seed, o.seed,
-                                 o.synthetic_size).config() | {"spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY}
+                                 o.synthetic_size, o.compile).config() | {"spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY}
 
     def _start(self, m: ModelState) -> None:
         r = m.row
@@ -443,7 +445,7 @@ class ScaleRun:
                     "resolution": r["resolution"], "batch_size": r["batch_size"], "lr": r["lr"],
                     "workers": r["workers"], "network_key": r["network_key"], "dataset": self.opts.dataset,
                     "epochs": self.opts.epochs, "seed": self.opts.seed, "mode": self.opts.mode,
-                    "scale_id": self.scale_id, "search_id": self.source.search.id},
+                    "scale_id": self.scale_id, "search_id": self.source.search.id, "compile": self.opts.compile},
             metrics=[("gmacs", r["gmacs"], 0), ("params_m", r["params_m"], 0), ("flops_ratio", r["flops_ratio"], 0)])
         self._write(m)
         self._changed()

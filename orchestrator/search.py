@@ -59,6 +59,7 @@ class SearchOptions:
     data_seed: int | None = None  # the synthetic task's data (None: seed)
     confirm_top: int = 3  # distinct networks trained again after the search (0: no confirmation)
     confirm_seeds: int = 2  # fresh seeds each
+    compile: str = defaults.COMPILE  # how trials run, not what they train
     work_s: float | None = None  # benchmarks only: each trial waits this long instead of training
 
     def as_config(self) -> dict:
@@ -70,7 +71,7 @@ class SearchOptions:
     def training(self) -> defaults.Training:
         """What each trial trains on and how."""
         return defaults.Training(self.dataset, self.epochs, self.batch_size, self.lr, self.seed, self.data_seed,
-                                 self.synthetic_size)
+                                 self.synthetic_size, self.compile)
 
 
 @dataclass
@@ -170,7 +171,8 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tunestate.quiet_upload_errors()
     gpt, cpt, concurrency = cluster_mod.plan_resources(
-        cluster, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial, cpus_per_trial=opts.cpus_per_trial)
+        cluster, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial, cpus_per_trial=opts.cpus_per_trial,
+        base_resolution=opts.base_resolution)
 
     b0 = measure(scaling.network_spec(1.0, 1.0, opts.base_resolution, num_classes=opts.num_classes))
     grid = None

@@ -51,7 +51,7 @@ def kept(result: dict) -> dict:
     """What of a trial's report the record keeps."""
     keep = {k: result[k] for k in ("epoch", "val_top1", "val_loss", "train_loss", "epoch_s", "train_s",
                                   "images_per_s", "gmacs", "params_m", "reused_from", "node_id",
-                                  "peak_mem_mb", "diverged", "earlier") if k in result}
+                                  "peak_mem_mb", "compile_s", "compiled", "diverged", "earlier") if k in result}
     if result.get("worker_pid") is not None:  # Tune's own "pid" is the reporting process's
         keep["pid"] = result["worker_pid"]
     return keep
@@ -247,7 +247,7 @@ class Sink:
             params={"alpha": st.alpha, "beta": st.beta, "gamma": st.gamma, "phi": 1, "depth_mult": st.alpha,
                     "width_mult": st.beta, "resolution": st.resolution, "network_key": st.key,
                     "dataset": self.opts.dataset, "epochs": self.opts.epochs, "seed": st.seed,
-                    "search_id": self.search_id, "phase": st.phase},
+                    "search_id": self.search_id, "phase": st.phase, "compile": self.opts.compile},
             metrics=[("gmacs", st.gmacs, 0), ("params_m", st.params / 1e6, 0), ("flops_ratio", st.flops_ratio, 0),
                      ("activations_m", st.activations_m, 0)])
 

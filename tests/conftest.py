@@ -16,6 +16,10 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+# `--compile on` in the tests' searches and scales: Dynamo's aot_eager backend (traced and
+# partitioned like Inductor's graphs, no generated kernels: seconds on a CPU). tests/test_compile.py
+# runs Inductor itself, in subprocesses.
+os.environ.setdefault("ORCH_COMPILE_BACKEND", "aot_eager")
 
 #: A tiny synthetic task at base 32 and one epoch keep a CPU search in CI to seconds per trial; no
 #: confirmation phase unless a test is about it (then its own --confirm-top comes after TINY).
@@ -36,6 +40,7 @@ def data_cache(tmp_path_factory):
     tests and their subprocesses, not to ~/.cache/orch."""
     d = tmp_path_factory.mktemp("tiers")
     os.environ["ORCH_DATA_CACHE"] = str(d)
+    os.environ["ORCH_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compiled"))  # likewise compiled graphs
     yield d
 
 

@@ -98,3 +98,19 @@ def test_data_path_quick():
     assert re.search(r"gather from a 64-px tier .*: [\d,]+ images/s", lines[at + 1])
     m = re.search(r"= (\d+\.\d+) x the file", lines[at + 2])
     assert m and float(m.group(1)) <= 1.1  # one copy between the four processes
+
+
+def test_compile_gpu_quick(tmp_path):
+    """benchmarks/compile_gpu.py's code paths at CPU size (the tests' aot_eager backend)."""
+    import json
+
+    _run("compile_gpu.py", "--only", "B0,packing", "--out", str(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "compile_gpu.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["section"] == "error"], rows
+    fig = {k: v for r in rows if r["section"] == "B0@32" for k, v in r.items()}
+    assert fig["orch_compiled_ips"] > 0 and fig["compiled"] == 1.0 and fig["compile_s_first"] > 0
+    assert fig["rerun_rc"] == 0 and fig["compile_s_second_process"] > 0
+    assert fig["auto_compiled"] == 0.0  # CPU: auto is off
+    assert set(fig["profile_ms"]) >= {"orch.data", "orch.forward_backward", "orch.optimizer", "orch.ema"}
+    packed = [r for r in rows if r["section"] == "packing"]
+    assert [r["trials_per_gpu"] for r in packed] == [1, 2] and all(r["aggregate_ips"] > 0 for r in packed)

@@ -54,15 +54,18 @@ def test_multi_node_search_runs_on_the_gpu_node_and_survives_losing_it(cluster, 
 
     storage = tmp_path / "shared"
     runtime_env = {"env_vars": {"ORCH_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true"}}
-    p = subprocess.Popen(
-        # No --working-dir here: the nodes of this one-machine cluster share a session folder, and
-        # one node's runtime-env GC deletes the package the other's driver runs in (a simulation
-        # artefact; real nodes have their own disks). The project is installed, as in the image.
-        ["ray", "job", "submit", "--address", cluster.job_api,
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "orch", "search", "--storage", str(storage), "--gpus", "2", "--trials", "2", "--epochs", "3",
-         "--grace-epochs", "3", "--max-failures", "4", *TINY, "--synthetic-size", "256", "64"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def submit():
+        return subprocess.Popen(
+            # No --working-dir here: the nodes of this one-machine cluster share a session folder, and
+            # one node's runtime-env GC deletes the package the other's driver runs in (a simulation
+            # artefact; real nodes have their own disks). The project is installed, as in the image.
+            ["ray", "job", "submit", "--address", cluster.job_api,
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             "orch", "search", "--storage", str(storage), "--gpus", "2", "--trials", "2", "--epochs", "3",
+             "--grace-epochs", "3", "--max-failures", "4", *TINY, "--synthetic-size", "256", "64"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    p = submit()
     store, trials = None, []
     try:
         deadline = time.monotonic() + 300
@@ -72,7 +75,15 @@ def test_multi_node_search_runs_on_the_gpu_node_and_survives_losing_it(cluster, 
         # test is about, and the cause of an earlier flaky run ("node terminated", 0 epochs).
         while time.monotonic() < deadline:
             time.sleep(0.5)
-            assert p.poll() is None, (p.stdout.read() + p.stderr.read())[-3000:]
+            if p.poll() is not None:
+                said = p.stdout.read() + p.stderr.read()
+                # The head's job agent registers a few seconds after the node does (seen on a loaded
+                # 2-core machine after other tests): Ray refuses the submission, no job was made.
+                if "No available agent to submit job" in said and not (home / "orch.db").exists():
+                    time.sleep(2)
+                    p = submit()
+                    continue
+                pytest.fail(said[-3000:])
             if not (home / "orch.db").exists():
                 continue
             store = store or ResultsStore(f"sqlite:///{home / 'orch.db'}")

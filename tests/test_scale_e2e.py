@@ -88,7 +88,11 @@ def test_search_and_scale_on_postgresql_and_a_tracking_server(ray_session, home,
 
 
 def test_two_data_parallel_cpu_workers_both_take_part(ray_session, home):
-    search = _search()
+    """Compiled too (`--compile on`, the tests' CPU backend): the search's trials, and the job
+    inheriting the option, train compiled on both ranks; the option and the seconds are recorded."""
+    from mlflow.tracking import MlflowClient
+
+    search = _search(["--compile", "on"])
     out = _invoke(["scale", "--from-run", search["search_id"], "--phis", "1", "--no-baseline", "--gpus", "0",
                    "--workers-per-job", "2"])
     assert out["status"] == "finished"
@@ -103,6 +107,16 @@ def test_two_data_parallel_cpu_workers_both_take_part(ray_session, home):
         assert all(r["samples"] > 0 for r in ranks)  # each trained on its share of every batch
     # the global batch is the per-worker batch on each of the two ranks
     assert sum(r["samples"] for r in row.history[0]["ranks"]) == 2 * row.history[0]["ranks"][0]["samples"]
+
+    assert store.get_search(search["search_id"]).config["compile"] == "on"
+    assert store.get_scale(out["scale_id"]).config["compile"] == "on"  # inherited from the search
+    trials = store.trials(search["search_id"])
+    assert trials and all(t.history[0]["compiled"] == 1.0 and t.history[0]["compile_s"] > 0 for t in trials)
+    assert row.history[0]["compiled"] == 1.0 and row.history[0]["compile_s"] > 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    for run_id in [t.mlflow_run_id for t in trials] + [row.mlflow_run_id]:
+        run = client.get_run(run_id)
+        assert run.data.params["compile"] == "on" and run.data.metrics["compile_s"] > 0
 
 
 def test_interrupted_scale_reruns_only_what_is_missing(ray_session, home):

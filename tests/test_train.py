@@ -95,11 +95,11 @@ def test_the_weight_average_follows_the_num_updates_rule():
     with torch.no_grad():
         net[0].weight.add_(1.0)
         net[1].running_mean.add_(1.0)
-    ema.update_parameters(net)  # the first update copies (AveragedModel's own rule)
+    ema.update()  # the first update copies (AveragedModel's own rule)
     assert torch.allclose(ema.module[0].weight, start + 1)
     with torch.no_grad():
         net[0].weight.add_(1.0)
-    ema.update_parameters(net)  # n = 1: k = 2/11 of the average, 9/11 of the new weights
+    ema.update()  # n = 1: k = 2/11 of the average, 9/11 of the new weights
     k = 2 / 11
     assert torch.allclose(ema.module[0].weight, k * (start + 1) + (1 - k) * (start + 2), atol=1e-6)
     assert torch.allclose(ema.module[1].running_mean, torch.ones(2))  # buffers averaged (both 1 here)
@@ -107,3 +107,11 @@ def test_the_weight_average_follows_the_num_updates_rule():
     bare.load_state_dict(ema_weights({"ema": ema.state_dict()}))
     assert torch.equal(bare[0].weight, ema.module[0].weight)
     assert ema_weights({"ema": None}) is None
+    # a resumed job's average (loaded from its checkpoint) continues as the first one does
+    again = _ema(net, 0.9999)
+    again.load_state_dict(ema.state_dict())
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema.update()
+    again.update()
+    assert torch.equal(again.module[0].weight, ema.module[0].weight) and int(again.averaged.n_averaged) == 3

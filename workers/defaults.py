@@ -22,6 +22,11 @@ EPOCHS = 2
 #: workers/train.py DEFAULTS['ema_decay'] for how short runs use it); the paper's recipe.
 EMA_DECAY = 0.9999
 
+#: --compile: 'auto' (compiled where it pays: on CUDA, when the run's remaining steps amortise the
+#: compile time; see workers/compiled.py), 'on' or 'off'.
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE = "auto"
+
 #: Size of the synthetic task: big enough to rank candidates, small enough for a laptop CPU.
 SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 1536, 512, 10
 #: B0's input size for the synthetic task (its images are 64 px). The high-frequency class of each
@@ -30,6 +35,18 @@ SYNTHETIC_TRAIN, SYNTHETIC_VAL, SYNTHETIC_CLASSES = 1536, 512, 10
 #: reached 0.94-0.97 at 34 px in 2 epochs); at 40 resolution can still grow within 2x B0, which
 #: the measured FLOPs constraint does not allow at 32.
 SYNTHETIC_BASE_RESOLUTION = 40
+
+
+def cache_folder(variable: str, name: str):
+    """A node-local cache folder: ``$variable`` when set, else ``$XDG_CACHE_HOME/orch/<name>``
+    (default ``~/.cache/orch/<name>``)."""
+    import os
+    from pathlib import Path
+
+    given = os.environ.get(variable)
+    if given:
+        return Path(given).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orch" / name
 
 
 @dataclass(frozen=True)
@@ -45,8 +62,10 @@ class Training:
     seed: int = 0  # model init, batch order and augmentation
     data_seed: int | None = None  # the synthetic task's data; None: seed
     synthetic_size: tuple[int, int] | None = None  # (train, val) images; None: SYNTHETIC_TRAIN, SYNTHETIC_VAL
+    compile: str = COMPILE  # one of COMPILE_MODES
 
     def config(self) -> dict:
         return {"dataset": self.dataset, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
                 "seed": self.seed, "data_seed": self.seed if self.data_seed is None else self.data_seed,
-                "synthetic_size": list(self.synthetic_size) if self.synthetic_size else None}
+                "synthetic_size": list(self.synthetic_size) if self.synthetic_size else None,
+                "compile": self.compile}

@@ -22,13 +22,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from workers.defaults import cache_folder
+
 
 def cache_dir() -> Path:
-    given = os.environ.get("ORCH_DATA_CACHE")
-    if given:
-        return Path(given).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "orch" / "tiers"
+    return cache_folder("ORCH_DATA_CACHE", "tiers")
 
 
 def paths(key: str) -> tuple[Path, Path, Path]:

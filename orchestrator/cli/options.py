@@ -238,6 +238,18 @@ def state_options(f):
     return home_option(db_url_option(f))
 
 
+def compile_option(what: str, default):
+    """--compile, defined once (search: per trial; scale: per job)."""
+    from workers.defaults import COMPILE, COMPILE_MODES
+
+    shown = f" Default: {COMPILE}." if default is not None else f" Default: the search's (else {COMPILE})."
+    return click.option(
+        "--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=default,
+        help=f"torch.compile each {what}'s network (block by block; compiled graphs are cached and shared by "
+        "the processes of a node). 'auto': on a GPU when the steps left after a short timed probe save more "
+        "than the compile costs, never on CPU; a failed compile continues eager with one warning." + shown)
+
+
 def run_options(f):
     """What a command that runs work on the cluster and records it needs: --experiment, --home,
     --db-url, --tracking-uri, --address, --wait-for-resources, --storage and --json."""

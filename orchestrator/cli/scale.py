@@ -6,8 +6,8 @@ import click
 
 from orchestrator import scaling
 from orchestrator.cli.options import (
-    CheckedCommand, PhiList, check_dataset, check_id, check_model_name, not_above, one_of, open_store, open_tracker,
-    run_options, writable,
+    CheckedCommand, PhiList, check_dataset, check_id, check_model_name, compile_option, not_above, one_of, open_store,
+    open_tracker, run_options, writable,
 )
 from orchestrator.cli.views import (
     ScaleProgress, connect_and_grow, echo_json, print_dry_run, print_registered, print_scale_outcome,
@@ -60,6 +60,7 @@ from orchestrator.status import Status
               help="CPUs of each worker.")
 @click.option("--max-failures", type=click.IntRange(min=0, max=100), default=2, show_default=True,
               help="Restarts of a job whose worker died, from its last checkpoint.")
+@compile_option("job", None)
 @click.option("--register", "register_as", default=None, callback=check_model_name, metavar="NAME",
               help="When the scale finishes, register its members in the MLflow model registry as versions of "
               "NAME with aliases b0..b7 (models:/NAME@b3 loads B3). Again for the same scale: no new versions.")
@@ -67,7 +68,7 @@ from orchestrator.status import Status
               "launch nothing.")
 @run_options
 def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpu_memory, gpus,
-          gpus_per_job, workers_per_job, cpus_per_worker, max_failures, register_as, dry_run, experiment, home, db_url,
+          gpus_per_job, workers_per_job, cpus_per_worker, max_failures, compile_mode, register_as, dry_run, experiment, home, db_url,
           tracking_uri, address, wait_s, storage, as_json):
     """Train the scaled family B0..Bk from a search's winning α, β, γ, one Ray Train job per model.
 
@@ -93,7 +94,7 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
             mode=mode, phis=phis, baseline=baseline, epochs=epochs, dataset=dataset, base_resolution=base_resolution,
             batch_size=batch_size, lr=lr, batch_rule=batch_rule, gpus=gpus, gpus_per_job=gpus_per_job,
             workers_per_job=workers_per_job, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
-            experiment=experiment)
+            experiment=experiment, compile=compile_mode)
     t = source.trial
     coeffs = scaling.Coefficients(t.alpha, t.beta, t.gamma)
     with about("--phis"):
