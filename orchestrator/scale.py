@@ -21,6 +21,7 @@ from orchestrator.ctrlc import CtrlC
 from orchestrator.errors import InputError, OrchError
 from orchestrator.recorder import Recorder, Unit, now
 from orchestrator.status import Status
+from orchestrator.tracking import family_view
 from workers import defaults
 from orchestrator.home import driver_alive, driver_token
 
@@ -365,6 +366,7 @@ class ScaleRun:
                              "orch.search_run_id": self.source.search.mlflow_run_id or ""})
         self.store.update_scale(self.scale_id, status=Status.RUNNING, finished_at=None, error=None,
                                 driver=driver_token(), plan=plan_rows, mlflow_run_id=self.parent)
+        self.tracker.save_view(*family_view(self.scale_id))  # what `orch ui` opens
         done = {r.model: r for r in self.store.scale_runs(self.scale_id)}
         for m in self.models:
             prev = done.get(m.name)

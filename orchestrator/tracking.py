@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -148,6 +149,20 @@ class Tracker:
                 return self.client.get_experiment_by_name(experiment).experiment_id
             raise TrackingError(f"MLflow at {mask_uri(uri)}: {str(e).splitlines()[0]}") from None
         return exp_id
+
+    def save_view(self, key: str, view: dict) -> None:
+        """A saved view of the experiment in the MLflow UI (``family_view``), written once: a view
+        the user changed in the UI under the same key is not overwritten."""
+        tag = f"mlflow.sharedViewState.{key}"
+        try:
+            if tag in self.client.get_experiment(self.experiment_id).tags:
+                return
+            now = int(time.time() * 1000)
+            self.client.set_experiment_tag(self.experiment_id, tag,
+                                           json.dumps({**view, "createdAt": now, "updatedAt": now}))
+        except Exception as e:  # a view is a convenience: never a reason to fail a scale
+            print(f"orch: warning: could not save the MLflow UI view {key}: {str(e).splitlines()[0]}",
+                  file=sys.stderr, flush=True)
 
     def find_runs(self, tags: dict, *, running_only: bool = False) -> list[str]:
         """Ids of the runs carrying all these tags (orch's own ids: letters, digits, . _ : -)."""
@@ -354,16 +369,48 @@ def _param_str(v) -> str:
     return s[:6000]
 
 
-def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
-    """The MLflow UI's comparison of ``run_ids`` (3.x: the runs table is #/experiments/<id>/runs;
-    the comparison #/compare-runs?runs=<JSON list>&experiments=<JSON list>)."""
-    from urllib.parse import quote
+#: The family view: columns and charts a person comparing B0..Bk wants first.
+VIEW_METRICS = ("val_top1", "ema_val_top1", "gmacs", "params_m")
+VIEW_PARAMS = ("phi", "resolution")
 
-    if not run_ids:
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
-    exps = quote(json.dumps([str(experiment_id)], separators=(",", ":")))
-    return f"{base.rstrip('/')}/#/compare-runs?runs={runs}&experiments={exps}"
+
+def family_view(scale_id: str) -> tuple[str, dict]:
+    """(key, saved view) of a scale's family in the MLflow UI: its members only (the scale's
+    model runs), B0 first (by GMACs), with val top-1, its averaged-weights twin, GMACs,
+    parameters, φ and resolution as columns, and charts of val top-1 against GMACs and per
+    member. MLflow 3.17's UI reads it from the experiment tag ``mlflow.sharedViewState.<key>``
+    when the URL names the key (``viewStateShareKey``) and lists it among the experiment's views.
+    The fields are the ones that UI restores from a shared view (others are dropped)."""
+    section = "orch-family"
+
+    def chart(uuid: str, kind: str, **fields) -> dict:
+        return {"uuid": uuid, "type": kind, "runsCountToCompare": 100, "metricSectionId": section,
+                "deleted": False, "isGenerated": False, **fields}
+
+    state = {
+        "searchFilter": f"tags.`orch.scale_id` = '{scale_id}' and tags.`orch.kind` = 'model'",
+        "orderByKey": "metrics.`gmacs`", "orderByAsc": True,
+        "selectedColumns": [f"metrics.`{m}`" for m in VIEW_METRICS] + [f"params.`{p}`" for p in VIEW_PARAMS],
+        "compareRunSections": [{"uuid": section, "name": "Family: accuracy against GMACs", "display": True,
+                                "isReordered": False, "deleted": False, "isGenerated": False}],
+        "compareRunCharts": [
+            chart("orch-top1-gmacs", "SCATTER", xaxis={"key": "gmacs", "type": "METRIC"},
+                  yaxis={"key": "val_top1", "type": "METRIC"}),
+            chart("orch-top1", "BAR", metricKey="val_top1", displayName="val_top1"),
+            chart("orch-params", "BAR", metricKey="params_m", displayName="params_m"),
+        ],
+        "isAccordionReordered": False,
+    }
+    return scale_id, {"name": f"orch family {scale_id}", "state": json.dumps(state, separators=(",", ":"))}
+
+
+def family_urls(base: str, experiment_id: str, view_key: str | None) -> tuple[str, str]:
+    """(table, charts) URLs of the experiment's model-training view in MLflow 3.17's UI, with
+    the saved view ``view_key`` (a scale's family) when given. ``workflowType=machine_learning``
+    is what moves that UI off its GenAI overview (the experiment-kind tag does not)."""
+    query = "workflowType=machine_learning" + (f"&viewStateShareKey={view_key}" if view_key else "")
+    table = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+    return table, table + "&compareRunsMode=CHART"
 
 
 def is_loopback(host: str) -> bool:

@@ -216,17 +216,26 @@ def test_family_plot_is_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_compare_url_lists_the_runs():
-    from urllib.parse import parse_qs, unquote, urlparse
+def test_the_family_view_and_its_urls():
+    from urllib.parse import parse_qs, urlparse
 
-    from orchestrator.tracking import compare_url
+    from orchestrator.tracking import VIEW_METRICS, family_urls, family_view
 
-    url = compare_url("http://127.0.0.1:5000", "7", ["a1", "b2"])
-    frag = urlparse(url).fragment
-    assert frag.startswith("/compare-runs?")
-    q = parse_qs(frag.split("?", 1)[1])
-    assert json.loads(unquote(q["runs"][0])) == ["a1", "b2"] and json.loads(unquote(q["experiments"][0])) == ["7"]
-    assert compare_url("http://h:1/", "7", []) == "http://h:1/#/experiments/7/runs"
+    key, view = family_view("scale-0123abcd")
+    state = json.loads(view["state"])
+    assert key == "scale-0123abcd" and view["name"] == "orch family scale-0123abcd"
+    assert state["searchFilter"] == "tags.`orch.scale_id` = 'scale-0123abcd' and tags.`orch.kind` = 'model'"
+    assert state["orderByKey"] == "metrics.`gmacs`" and state["orderByAsc"] is True  # B0 first
+    assert [c for c in state["selectedColumns"] if c.startswith("metrics.")] == [f"metrics.`{m}`" for m in VIEW_METRICS]
+    (scatter,) = [c for c in state["compareRunCharts"] if c["type"] == "SCATTER"]
+    assert (scatter["xaxis"]["key"], scatter["yaxis"]["key"]) == ("gmacs", "val_top1")
+    assert len(json.dumps(view)) < 5000  # an experiment tag's value
+    table, charts = family_urls("http://h:1/", "7", key)
+    frag = urlparse(table).fragment
+    assert frag.startswith("/experiments/7/runs?")
+    assert parse_qs(frag.split("?", 1)[1]) == {"workflowType": ["machine_learning"], "viewStateShareKey": [key]}
+    assert charts == table + "&compareRunsMode=CHART"
+    assert family_urls("http://h:1", "7", None)[0] == "http://h:1/#/experiments/7/runs?workflowType=machine_learning"
 
 
 def test_storage_defaults_to_the_state_folder_only_on_one_machine(tmp_path):

@@ -3,6 +3,7 @@ the real SQLite results store. The only stand-in: no physical GPU, so jobs run o
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
+from tests.browser import page_text
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
@@ -48,7 +50,7 @@ def test_search_and_scale_on_postgresql_and_a_tracking_server(ray_session, home,
         assert m["status"] == "finished" and 0.0 <= m["val_top1"] <= 1.0
     again = CliRunner().invoke(main, scale_args)  # the same scale again: nothing retrained; the human view
     assert again.exit_code == 0, again.output
-    assert f"next: orch ui --scale {out['scale_id']}" in again.stdout and "Scatter Plot" in again.stdout
+    assert f"next: orch ui --scale {out['scale_id']}" in again.stdout and "val_top1 against GMACs" in again.stdout
     assert "GMACs (log)" not in again.stdout  # not a terminal: no chart
 
     client = MlflowClient(tracking_uri=mlflow_server)
@@ -85,6 +87,22 @@ def test_search_and_scale_on_postgresql_and_a_tracking_server(ray_session, home,
     b1 = next(r for r in store.scale_runs(out["scale_id"]) if r.model == "B1")
     assert b1.network_key == search["best"]["network_key"]  # B1 is the network the search trained
     store.close()
+
+    # What a person sees: `orch ui` prints the family's URLs on the server; Chromium renders them.
+    res = CliRunner().invoke(main, ["ui", "--scale", out["scale_id"], *tracking])
+    assert res.exit_code == 0, res.output
+    table, charts = res.output.split()
+    columns = ("val_top1", "ema_val_top1", "gmacs", "params_m", "phi", "resolution")
+    page = page_text(table, expect=(" B1 ", "matching runs", *(f" {c} " for c in columns)))
+    assert "Tool calls" not in page and "Usage" not in page, page[:3000]  # not the GenAI overview
+    assert "orch family " + out["scale_id"] in page, page[:3000]  # the saved view is the one shown
+    for column in columns:
+        assert f" {column} " in page, (column, page[:3000])
+    rows = re.findall(r"\| (B\d|search-\S+|scale-\S+|trial\S*) \|", page)
+    assert rows == ["B0", "B1"] and "| 2 | matching runs" in page, page[:3000]  # the family only, B0 first
+    plots = page_text(charts, expect=("Family: accuracy against GMACs", "gmacs vs. val_top1"))
+    assert "Family: accuracy against GMACs" in plots and "gmacs vs. val_top1" in plots, plots[:3000]
+    assert "Tool calls" not in plots
 
 
 def test_two_data_parallel_cpu_workers_both_take_part(ray_session, home):

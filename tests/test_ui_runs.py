@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from urllib.parse import unquote
 
 import pytest
 from click.testing import CliRunner
@@ -110,15 +109,16 @@ def test_ui_serves_on_loopback_and_prints_the_comparison(scaled, home):
     try:
         lines = []
         deadline = time.monotonic() + 120
-        while len(lines) < 2 and time.monotonic() < deadline:
+        while len(lines) < 3 and time.monotonic() < deadline:
             line = proc.stdout.readline()
             assert line or proc.poll() is None, proc.stderr.read()[-2000:]
             if line:
                 lines.append(line.strip())
         assert lines[0].startswith(f"MLflow UI on http://127.0.0.1:{port}") and "scale scale-abc" in lines[0]
-        url = lines[1]
-        assert url.startswith(f"http://127.0.0.1:{port}/#/compare-runs?runs=")
-        assert json.loads(unquote(url.split("runs=")[1].split("&")[0])) == ["run-b0", "run-b1"]
+        base = f"http://127.0.0.1:{port}/#/experiments/"
+        assert lines[1].startswith(base) and lines[1].endswith("/runs?workflowType=machine_learning"
+                                                              "&viewStateShareKey=scale-abc")
+        assert lines[2] == lines[1] + "&compareRunsMode=CHART"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
                                     f"?experiment_name=compound-scaling", timeout=10) as r:
             assert json.loads(r.read())["experiment"]["name"] == "compound-scaling"
@@ -133,9 +133,21 @@ def test_ui_serves_on_loopback_and_prints_the_comparison(scaled, home):
 
 
 def test_ui_with_a_tracking_server_only_prints_the_url(scaled, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
     res = CliRunner().invoke(main, ["ui", "--tracking-uri", mlflow_server])
     assert res.exit_code == 0, res.output
-    assert res.output.strip().startswith(f"{mlflow_server}/#/compare-runs?runs=")
+    table, charts = res.output.split()
+    assert table.startswith(f"{mlflow_server}/#/experiments/") and "viewStateShareKey=scale-abc" in table
+    assert charts == table + "&compareRunsMode=CHART"
+    # the view it names is saved on the server, once (a view changed in the UI is kept)
+    exp = MlflowClient(mlflow_server).get_experiment_by_name("compound-scaling")
+    saved = json.loads(exp.tags["mlflow.sharedViewState.scale-abc"])
+    assert json.loads(saved["state"])["searchFilter"].endswith("= 'scale-abc' and tags.`orch.kind` = 'model'")
+    MlflowClient(mlflow_server).set_experiment_tag(exp.experiment_id, "mlflow.sharedViewState.scale-abc", "{}")
+    assert CliRunner().invoke(main, ["ui", "--tracking-uri", mlflow_server]).exit_code == 0
+    exp = MlflowClient(mlflow_server).get_experiment_by_name("compound-scaling")
+    assert exp.tags["mlflow.sharedViewState.scale-abc"] == "{}"
 
 
 def test_ui_unknown_scale_and_taken_port(scaled, home):

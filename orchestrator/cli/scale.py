@@ -84,7 +84,7 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
     """
     from orchestrator import home as home_mod
     from orchestrator import scale as scale_mod
-    from orchestrator.tracking import compare_url
+    from orchestrator.tracking import family_urls
 
     store = open_store(home, db_url)
     with about("--from-run"):  # what it names, and the options stored with it
@@ -138,8 +138,7 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
 
             cluster_mod.shutdown(info)
     models = [scale_mod.model_entry(m) for m in outcome.models]
-    url = compare_url("http://127.0.0.1:5000", tracker.experiment_id,
-                      [m["mlflow_run_id"] for m in models if m["mlflow_run_id"]])
+    url, charts = family_urls("http://127.0.0.1:5000", tracker.experiment_id, outcome.scale_id)
     registered = None
     if register_as and outcome.status == Status.FINISHED:
         registered = scale_mod.register_scale(store, tracker, outcome.scale_id, register_as)
@@ -147,7 +146,7 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         echo_json({"scale_id": outcome.scale_id, "mlflow_run_id": outcome.mlflow_run_id,
                    "search_id": outcome.search_id, "trial_id": outcome.trial_id, "status": outcome.status,
                    "alpha": t.alpha, "beta": t.beta, "gamma": t.gamma, "models": models,
-                   "summary": outcome.summary, "compare_url": url, "registered": registered})
+                   "summary": outcome.summary, "ui_url": url, "ui_charts_url": charts, "registered": registered})
     else:
         print_scale_outcome(stdout_console(), outcome, models, url, compound=opts.mode == "compound")
         if registered:

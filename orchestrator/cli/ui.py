@@ -26,10 +26,12 @@ from orchestrator.cli.views import stderr_console
 @db_url_option
 @tracking_option
 def ui(scale_id, host, expose, port, experiment, home, db_url, tracking_uri):
-    """Start the MLflow UI on the tracking store and print the URL of a scale's comparison.
+    """Start the MLflow UI on the tracking store and print the URLs of a scale's family.
 
-    With a tracking server (--tracking-uri http://…) nothing is started: the URL on that server
-    is printed. Ctrl-C stops the UI.
+    The first URL opens the family's runs (B0 first) with val top-1, GMACs, parameters, φ and
+    resolution as columns; the second, its charts (val top-1 against GMACs). Both open MLflow's
+    model-training view, not its GenAI overview. With a tracking server (--tracking-uri http://…)
+    nothing is started: the URLs on that server are printed. Ctrl-C stops the UI.
 
     \b
     orch ui                          # the newest scale, on http://127.0.0.1:5000
@@ -38,7 +40,7 @@ def ui(scale_id, host, expose, port, experiment, home, db_url, tracking_uri):
     from urllib.parse import urlparse
 
     from orchestrator import home as home_mod
-    from orchestrator.tracking import UIServer, compare_url, is_loopback
+    from orchestrator.tracking import UIServer, family_urls, family_view, is_loopback
 
     if not is_loopback(host):
         if not expose:
@@ -57,17 +59,18 @@ def ui(scale_id, host, expose, port, experiment, home, db_url, tracking_uri):
     else:
         scales = store.list_scales(1)
         sc = scales[0] if scales else None
-    run_ids = [r.mlflow_run_id for r in store.scale_runs(sc.id) if r.mlflow_run_id] if sc else []
     tracker = open_tracker(home, tracking_uri, experiment)
+    if sc is not None:
+        tracker.save_view(*family_view(sc.id))  # a scale from before orch saved views
     if urlparse(tracker.uri).scheme in ("http", "https"):
-        click.echo(compare_url(tracker.uri, tracker.experiment_id, run_ids))
+        click.echo("\n".join(family_urls(tracker.uri, tracker.experiment_id, sc.id if sc else None)))
         return
     server = UIServer(tracker.uri, home_mod.artifact_root(home_mod.home_dir(home)), host, port)
     try:
         with server:
             what = f"scale {sc.id}" if sc else "the experiment (no scale yet)"
             click.echo(f"MLflow UI on {server.base} (Ctrl-C stops it); {what}:")
-            click.echo(compare_url(server.base, tracker.experiment_id, run_ids), nl=True)
+            click.echo("\n".join(family_urls(server.base, tracker.experiment_id, sc.id if sc else None)))
             sys.stdout.flush()
             server.wait()
     except KeyboardInterrupt:

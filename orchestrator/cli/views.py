@@ -370,5 +370,6 @@ def print_scale_outcome(out, outcome, models: list[dict], url: str, *, compound:
     print_model_uris(out, models)
     print_family(outcome.scale_id, models, reference=compound)
     out.print(f"next: orch ui --scale {outcome.scale_id}   then open {url}\n"
-              f"  there: Scatter Plot, X-axis gmacs, Y-axis val_top1_final (the family); the parent run "
-              f"{outcome.scale_id} holds family.png under Artifacts", highlight=False)
+              f"  there: the family's runs with val_top1, GMACs and parameters (add &compareRunsMode=CHART: "
+              f"val_top1 against GMACs); the parent run {outcome.scale_id} holds family.png under Artifacts",
+              highlight=False)
