@@ -96,6 +96,11 @@ def options_of(record) -> SearchOptions:
         raise SearchInputError(f"search {record.id} was stored with options this orch does not know "
                                f"({', '.join(unknown)}); resume it with the orch that started it")
     kw = {"name": record.name} | dict(record.config)  # options added since an older orch: their defaults
+    # ... except where the default changed what a search does: one stored before --compile ran
+    # eager, and one stored before proxy trials were packed took the GPUs per trial it recorded.
+    kw.setdefault("compile", "off")
+    if kw.get("gpus_per_trial") is None and (record.gpus_per_trial or 0) > 0 and "compile" not in record.config:
+        kw["gpus_per_trial"] = record.gpus_per_trial
     if kw.get("synthetic_size"):
         kw["synthetic_size"] = tuple(kw["synthetic_size"])
     return SearchOptions(**kw)

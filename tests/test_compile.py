@@ -102,7 +102,7 @@ def test_modes_and_the_auto_rule(tmp_path, monkeypatch):
     step_s, cost = 0.05, 60.0
     even = round(2 * cost / (step_s * compiled.SAVING))
     assert not compiled.pays_off(step_s, even - 10, cost) and compiled.pays_off(step_s, even + 10, cost)
-    # what it expects to pay: this network's last compile on this node, else a cold estimate per graph
+    # what it expects to pay: this network's last compile on this node, else a cold estimate per block
     monkeypatch.setenv("ORCH_COMPILE_CACHE", str(tmp_path))
     model = train.build_model(SMALL)
     assert compiled.blocks(model) == 2
@@ -132,3 +132,21 @@ def test_proxy_trials_are_packed_by_base_resolution():
     few_cpus = cluster.ClusterInfo(cpus=8, gpus=4, address=None, started_here=True)
     assert cluster.plan_resources(few_cpus, gpus=None, gpus_per_trial=None, cpus_per_trial=1.0,
                                   base_resolution=40) == (0.125, 1.0, 8)
+
+
+def test_a_search_stored_before_compile_and_packing_resumes_as_it_ran(tmp_path):
+    """Its stored options lack `compile` (it ran eager) and left --gpus-per-trial to the default of
+    the time (1 GPU, recorded in its row): resumed, it keeps both."""
+    from orchestrator.search import options_of
+    from orchestrator.store import ResultsStore
+
+    store = ResultsStore(f"sqlite:///{tmp_path / 'orch.db'}")
+    store.create_search("search-old", "old", {"epochs": 2, "gpus": 4.0, "gpus_per_trial": None})
+    store.update_search("search-old", gpus_per_trial=1.0)
+    opts = options_of(store.get_search("search-old"))
+    assert opts.compile == "off" and opts.gpus_per_trial == 1.0
+    store.create_search("search-new", "new", {"epochs": 2, "gpus": 4.0, "gpus_per_trial": None, "compile": "auto"})
+    store.update_search("search-new", gpus_per_trial=0.125)
+    opts = options_of(store.get_search("search-new"))
+    assert opts.compile == "auto" and opts.gpus_per_trial is None  # planned again, as it first was
+    store.close()

@@ -164,3 +164,22 @@ def test_ui_unknown_scale_and_taken_port(scaled, home):
         res = CliRunner().invoke(main, ["ui", "--port", str(port)])
     assert res.exit_code == 1 and "did not start" in res.output and "--port" in res.output
     assert "Traceback" not in res.output
+
+
+def test_ui_opens_the_scale_in_its_own_experiment(scaled, mlflow_server):
+    """A scale recorded under --experiment X: `orch ui --scale` saves its view and points into X
+    (unless --experiment is given)."""
+    from mlflow.tracking import MlflowClient
+
+    scaled.create_scale("scale-def", search_id="s1", trial_id="t1",
+                        config={"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "experiment": "pets-family"},
+                        plan=[{"name": "B0"}], mlflow_run_id="parent-2")
+    res = CliRunner().invoke(main, ["ui", "--scale", "scale-def", "--tracking-uri", mlflow_server])
+    assert res.exit_code == 0, res.output
+    exp = MlflowClient(mlflow_server).get_experiment_by_name("pets-family")
+    assert f"/#/experiments/{exp.experiment_id}/runs?" in res.output.split()[0]
+    assert "mlflow.sharedViewState.scale-def" in exp.tags
+    res = CliRunner().invoke(main, ["ui", "--scale", "scale-def", "--tracking-uri", mlflow_server,
+                                    "--experiment", "compound-scaling"])
+    default = MlflowClient(mlflow_server).get_experiment_by_name("compound-scaling")
+    assert res.exit_code == 0 and f"/#/experiments/{default.experiment_id}/runs?" in res.output

@@ -11,8 +11,8 @@ entering ~18 compiled regions forward and backward (72 ms of CPU per 45 ms of GP
 Shared per node: Inductor's FX-graph and AOTAutograd caches live on disk in ``cache_dir()``
 (``ORCH_COMPILE_CACHE``, default ``~/.cache/orch/inductor``), which every trial and job of the
 node uses, so a network compiled once on a node is loaded, not compiled, by the next process
-(B0@224 on the H200: 124 s cold, 9.5 s from the cache in a fresh process; the Triton kernels are
-kept there too). The seconds spent compiling are measured with Dynamo's compile callbacks and
+(B0@224 on the H200, measured with the block-by-block form: 124 s cold, 9.5 s from the cache in
+a fresh process; the Triton kernels are kept there too). The seconds spent compiling are measured with Dynamo's compile callbacks and
 reported per epoch (``compile_s``), and each network's figure is kept in the cache folder,
 which is what ``auto`` reads.
 
@@ -20,7 +20,10 @@ which is what ``auto`` reads.
 longer than a proxy trial). On CUDA the first ``PROBE_STEPS`` steps run eager and are timed;
 compilation is switched on when the steps left would save more than it costs:
 ``steps_left * step_s * SAVING > 2 * expected compile seconds``, the expected seconds being this
-network's last measured compile on this node, else ``COLD_S_PER_BLOCK`` per block. A compile
+network's last measured compile on this node, else ``COLD_S_PER_BLOCK`` per block. The steps
+left count to the run's last epoch: a search's trial that ASHA stops at its grace epochs trains
+fewer, so ``auto`` may compile a trial that is then stopped (on short proxy trials it stays
+eager anyway: the rule needs thousands of steps). A compile
 that fails (no C++ compiler, an Inductor bug) falls back to eager with one warning line; the
 step is re-run, nothing is lost.
 
@@ -51,7 +54,8 @@ PROBE_STEPS = 6
 #: images/s compiled where eager ran 5,142 (bare steps), 1 - 5142/7053 = 0.27; taken lower.
 SAVING = 0.2
 #: Seconds per block to compile a network when nothing is cached, on an H200 node with 16 CPUs:
-#: B0 (16 blocks) took 124 s (README, "Compiled steps").
+#: B0 (16 blocks) took 124 s block by block (README, "Compiled steps"). Provisional: the
+#: whole-network graph's cold compile is not measured yet (likely longer; B3's took over 3 minutes).
 COLD_S_PER_BLOCK = 8.0
 
 

@@ -298,87 +298,89 @@ def run(
     gen = torch.Generator(device=device)  # batch order: the same on every rank
     aug = gen if world == 1 else torch.Generator(device=device)  # augmentation: per rank
 
-    for epoch in range(start_epoch, cfg["epochs"]):
-        gen.manual_seed(cfg["seed"] * 1000 + epoch)
-        if aug is not gen:
-            aug.manual_seed((cfg["seed"] * 1000 + epoch) * 1009 + rank)
-        model.train()
-        perm = torch.randperm(n, device=device, generator=gen)
-        loss_sum = torch.zeros((), device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for s in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + s
-            for group in opt.param_groups:
-                group["lr"] = cfg["lr"] * _lr_factor(step, total, warmup)
-            idx = perm[s * gbs + rank * bs:s * gbs + (rank + 1) * bs]
-            with record_function("orch.data"):
-                x = data_mod.gpu_augment(_normalize(_gather(train_x, idx, device)), pad=pad, flip=ds.flip,
-                                         generator=aug)
-                y = train_y[idx]
+    try:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            gen.manual_seed(cfg["seed"] * 1000 + epoch)
+            if aug is not gen:
+                aug.manual_seed((cfg["seed"] * 1000 + epoch) * 1009 + rank)
+            model.train()
+            perm = torch.randperm(n, device=device, generator=gen)
+            loss_sum = torch.zeros((), device=device)
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for s in range(steps_per_epoch):
+                step = epoch * steps_per_epoch + s
+                for group in opt.param_groups:
+                    group["lr"] = cfg["lr"] * _lr_factor(step, total, warmup)
+                idx = perm[s * gbs + rank * bs:s * gbs + (rank + 1) * bs]
+                with record_function("orch.data"):
+                    x = data_mod.gpu_augment(_normalize(_gather(train_x, idx, device)), pad=pad, flip=ds.flip,
+                                             generator=aug)
+                    y = train_y[idx]
 
-            def forward_backward():
-                with record_function("orch.forward_backward"):
-                    with amp():
-                        loss = F.cross_entropy(fwd(x), y, label_smoothing=cfg["label_smoothing"])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                return loss
+                def forward_backward():
+                    with record_function("orch.forward_backward"):
+                        with amp():
+                            loss = F.cross_entropy(fwd(x), y, label_smoothing=cfg["label_smoothing"])
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    return loss
 
-            loss = comp.guarded(forward_backward)
-            with record_function("orch.optimizer"):
-                opt.step()
-            if ema is not None:
-                with record_function("orch.ema"):
-                    ema.update()
-            loss_sum += loss.detach()
-            comp.stepped(total - step - 1)
-        if cuda:
-            torch.cuda.synchronize()
-        train_s = time.perf_counter() - t0
-        train_loss = _all_sum(loss_sum)[0].item() / max(1, steps_per_epoch * world)
-        if not math.isfinite(train_loss):
-            raise TrialDiverged(f"train loss became {train_loss} in epoch {epoch + 1}; lower the learning rate")
-        t1 = time.perf_counter()
-        # Several ranks evaluate the bare module: DDP's forward would add collectives whose
-        # count depends on each rank's shard size.
-        val_top1, val_loss = comp.guarded(
-            lambda: evaluate(fwd if world == 1 else model, val, device, batch_size=max(bs, 256), amp=amp))
-        averaged = evaluate(ema.module, val, device, batch_size=max(bs, 256), amp=amp) if ema is not None else None
-        eval_s = time.perf_counter() - t1
-        if not math.isfinite(val_loss):
-            raise TrialDiverged(f"validation loss became {val_loss} in epoch {epoch + 1}; lower the learning rate")
-        metrics = {
-            "epoch": epoch + 1,
-            "val_top1": val_top1,
-            "val_loss": val_loss,
-            "train_loss": train_loss,
-            "epoch_s": train_s + eval_s,
-            "train_s": train_s,
-            "images_per_s": steps_per_epoch * gbs / train_s,
-            "params_m": n_params / 1e6,
-            "compile_s": comp.seconds(),  # so far in this process: tracing, code generation or cache loads
-            "compiled": float(comp.on),
-        }
-        if averaged is not None:
-            metrics["ema_val_top1"], metrics["ema_val_loss"] = averaged
-        if device.type == "cuda":  # the device reports it; CPU memory is the process's, not the model's
-            metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        if world > 1:
-            metrics |= {"rank": rank, "world_size": world, "pid": os.getpid(), "samples": steps_per_epoch * bs}
-        history.append(metrics)
-        ckpt = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "epoch": epoch + 1,
-            "config": cfg,
-            "history": history,
-            "ema": ema.state_dict() if ema is not None else None,
-        }
-        comp.epoch_done()
-        report(metrics, ckpt)
-    comp.close()
+                loss = comp.guarded(forward_backward)
+                with record_function("orch.optimizer"):
+                    opt.step()
+                if ema is not None:
+                    with record_function("orch.ema"):
+                        ema.update()
+                loss_sum += loss.detach()
+                comp.stepped(total - step - 1)
+            if cuda:
+                torch.cuda.synchronize()
+            train_s = time.perf_counter() - t0
+            train_loss = _all_sum(loss_sum)[0].item() / max(1, steps_per_epoch * world)
+            if not math.isfinite(train_loss):
+                raise TrialDiverged(f"train loss became {train_loss} in epoch {epoch + 1}; lower the learning rate")
+            t1 = time.perf_counter()
+            # Several ranks evaluate the bare module: DDP's forward would add collectives whose
+            # count depends on each rank's shard size.
+            val_top1, val_loss = comp.guarded(
+                lambda: evaluate(fwd if world == 1 else model, val, device, batch_size=max(bs, 256), amp=amp))
+            averaged = evaluate(ema.module, val, device, batch_size=max(bs, 256), amp=amp) if ema is not None else None
+            eval_s = time.perf_counter() - t1
+            if not math.isfinite(val_loss):
+                raise TrialDiverged(f"validation loss became {val_loss} in epoch {epoch + 1}; lower the learning rate")
+            metrics = {
+                "epoch": epoch + 1,
+                "val_top1": val_top1,
+                "val_loss": val_loss,
+                "train_loss": train_loss,
+                "epoch_s": train_s + eval_s,
+                "train_s": train_s,
+                "images_per_s": steps_per_epoch * gbs / train_s,
+                "params_m": n_params / 1e6,
+                "compile_s": comp.seconds(),  # so far in this process: tracing, code generation or cache loads
+                "compiled": float(comp.on),
+            }
+            if averaged is not None:
+                metrics["ema_val_top1"], metrics["ema_val_loss"] = averaged
+            if device.type == "cuda":  # the device reports it; CPU memory is the process's, not the model's
+                metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if world > 1:
+                metrics |= {"rank": rank, "world_size": world, "pid": os.getpid(), "samples": steps_per_epoch * bs}
+            history.append(metrics)
+            ckpt = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch + 1,
+                "config": cfg,
+                "history": history,
+                "ema": ema.state_dict() if ema is not None else None,
+            }
+            comp.epoch_done()
+            report(metrics, ckpt)
+    finally:
+        comp.close()  # its compile callbacks, also when the run fails (reused Ray actors)
     return history
 
 
@@ -432,7 +434,12 @@ class _Compiler:
         if len(self._probe) > compiled.PROBE_STEPS:
             step_s = (self._probe[-1] - self._probe[0]) / (len(self._probe) - 1)
             expected = compiled.expected_seconds(self.key, self.model)
-            if compiled.pays_off(step_s, steps_left, expected):
+            pays = torch.tensor(float(compiled.pays_off(step_s, steps_left, expected)), device=self.device)
+            if _dist()[1] > 1:  # the ranks decide together (any rank's yes): each times its own probe
+                import torch.distributed as dist
+
+                dist.all_reduce(pays, op=dist.ReduceOp.MAX)
+            if pays.item():
                 self._switch_on()
             self._probe = None  # decided
 

@@ -245,9 +245,9 @@ def compile_option(what: str, default):
     shown = f" Default: {COMPILE}." if default is not None else f" Default: the search's (else {COMPILE})."
     return click.option(
         "--compile", "compile_mode", type=click.Choice(COMPILE_MODES), default=default,
-        help=f"torch.compile each {what}'s network (block by block; compiled graphs are cached and shared by "
-        "the processes of a node). 'auto': on a GPU when the steps left after a short timed probe save more "
-        "than the compile costs, never on CPU; a failed compile continues eager with one warning." + shown)
+        help=f"torch.compile each {what}'s network (one graph; compiled graphs are cached and shared by the "
+        "processes of a node). 'auto': on a GPU when the steps left after a short timed probe save more than "
+        "twice what the compile costs, never on CPU; a failed compile continues eager with one warning." + shown)
 
 
 def run_options(f):

@@ -1,4 +1,4 @@
-"""`orch ui`: the MLflow UI on the tracking store, and the URL of a scale's comparison."""
+"""`orch ui`: the MLflow UI on the tracking store, and the URLs of a scale's family."""
 
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def ui(scale_id, host, expose, port, experiment, home, db_url, tracking_uri):
     else:
         scales = store.list_scales(1)
         sc = scales[0] if scales else None
+    given = click.get_current_context().get_parameter_source("experiment") != click.core.ParameterSource.DEFAULT
+    if sc is not None and not given:  # the scale's own experiment
+        experiment = (sc.config or {}).get("experiment", experiment)
     tracker = open_tracker(home, tracking_uri, experiment)
     if sc is not None:
         tracker.save_view(*family_view(sc.id))  # a scale from before orch saved views
