@@ -7,7 +7,7 @@ ORCH   := $(VENV)/bin/orch
 # project's torch range is already met and pip never pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ demo: venv
 	$(ORCH) search --trials 4 --confirm-top 2 --base-resolution 36 --synthetic-size 1024 512 --batch-size 16 --lr 0.03
 	$(ORCH) scale --from-run latest --phis 1-2
 
-test: venv
+# The MLflow UI test renders pages in headless Chromium: Debian's package, installed when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { s=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$s apt-get update -qq && $$s apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "warning: could not install chromium (apt-get install chromium); the MLflow UI test will fail" >&2
+
+test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

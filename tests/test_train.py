@@ -87,10 +87,10 @@ def test_the_weight_average_follows_the_num_updates_rule():
     """min(decay, (1 + n) / (10 + n)) after n updates: a short run averages its last steps, a long
     one approaches the decay; BatchNorm statistics are averaged too, and a checkpoint's average
     loads into a bare network."""
-    from workers.train import _ema, ema_weights
+    from workers.train import _Ema, ema_weights
 
     net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
-    ema = _ema(net, 0.9999)
+    ema = _Ema(net, 0.9999)
     start = net[0].weight.detach().clone()
     with torch.no_grad():
         net[0].weight.add_(1.0)
@@ -108,7 +108,7 @@ def test_the_weight_average_follows_the_num_updates_rule():
     assert torch.equal(bare[0].weight, ema.module[0].weight)
     assert ema_weights({"ema": None}) is None
     # a resumed job's average (loaded from its checkpoint) continues as the first one does
-    again = _ema(net, 0.9999)
+    again = _Ema(net, 0.9999)
     again.load_state_dict(ema.state_dict())
     with torch.no_grad():
         net[0].weight.add_(1.0)

@@ -188,8 +188,6 @@ class _Ema:
         self.averaged.load_state_dict(state)
 
 
-def _ema(model: torch.nn.Module, decay: float) -> _Ema:
-    return _Ema(model, decay)
 
 
 def ema_weights(ckpt: dict) -> dict | None:
@@ -257,7 +255,7 @@ def run(
         _param_groups(model, cfg["weight_decay"]), lr=cfg["lr"], momentum=0.9, nesterov=True,
         **({"fused": True} if cuda else {}),
     )
-    ema = _ema(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
+    ema = _Ema(model, cfg["ema_decay"]) if cfg["ema_decay"] else None
     history: list[dict] = []
     start_epoch = 0
     if state is not None:
@@ -273,10 +271,7 @@ def run(
         from torch.nn.parallel import DistributedDataParallel
 
         fwd = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    mode = compiled.resolve_mode(cfg["compile"])
-    if mode == "auto" and not cuda:
-        mode = "off"  # see workers/compiled.py
-    comp = _Compiler(model, mode, spec, cfg["batch_size"], device)
+    comp = _Compiler(model, cfg["compile"], spec, cfg["batch_size"], device)
 
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -390,12 +385,16 @@ class _Compiler:
     step or an evaluation; when it fails while compiling, the network goes back to eager with one
     warning line and ``fn`` runs again (forward and backward only: no state has changed yet)."""
 
-    def __init__(self, model, mode: str, spec: dict, batch: int, device: torch.device):
+    def __init__(self, model, mode, spec: dict, batch: int, device: torch.device):
+        mode = compiled.resolve_mode(mode)
+        if mode == "auto" and device.type != "cuda":
+            mode = "off"  # see workers/compiled.py
         self.model, self.mode, self.device = model, mode, device
-        self.key = compiled.network_key(spec, batch, device)
         self.on = False
         self.failed = False
         self.clock = compiled.Clock() if mode != "off" else None
+        self.key = compiled.network_key(spec, batch, device) if mode != "off" else None
+        self._recorded = 0.0
         self._probe: list[float] = []
         if mode == "on":
             self._switch_on()
@@ -447,8 +446,10 @@ class _Compiler:
         return round(self.clock.seconds, 3) if self.clock else 0.0
 
     def epoch_done(self) -> None:
-        if self.on and self.clock.count:
+        """The network's compile seconds on this node, for ``auto``: written when they grew."""
+        if self.on and self.clock.seconds > self._recorded:
             compiled.record_seconds(self.key, self.clock.seconds)
+            self._recorded = self.clock.seconds
 
     def close(self) -> None:
         if self.clock:
