@@ -8,8 +8,12 @@ from __future__ import annotations
 from orchestrator import scaling
 
 
-def measure_entries(entries: list[scaling.PlanEntry], *, base_resolution: int, num_classes: int) -> list[dict]:
-    """Measure every entry on the meta device; ratios are to B0 at the same base and classes."""
+def measure_entries(entries: list[scaling.PlanEntry], *, base_resolution: int, num_classes: int,
+                    network: str = "efficientnet-b0") -> list[dict]:
+    """Measure every entry on the meta device; ratios are to the unscaled ``network`` (B0) at the
+    same base and classes. A user's network has no stages orch knows: its rows leave them out."""
+    from orchestrator import baselines
+
     from workers.flops import measure  # torch: imported only when a plan is measured
 
     cache: dict[str, object] = {}
@@ -20,7 +24,7 @@ def measure_entries(entries: list[scaling.PlanEntry], *, base_resolution: int, n
             cache[key] = measure(spec)
         return cache[key]
 
-    b0 = cost(scaling.network_spec(1.0, 1.0, base_resolution, num_classes=num_classes))
+    b0 = cost(baselines.spec(network, 1.0, 1.0, base_resolution, num_classes=num_classes, dropout=0.0))
     rows = []
     for e in entries:
         c = cost(e.spec)
@@ -31,10 +35,10 @@ def measure_entries(entries: list[scaling.PlanEntry], *, base_resolution: int, n
                 "depth_mult": round(e.depth_mult, 4),
                 "width_mult": round(e.width_mult, 4),
                 "resolution": e.resolution,
-                "stem": e.spec["stem"],
-                "repeats": [s["repeats"] for s in e.spec["stages"]],
-                "channels": [s["out"] for s in e.spec["stages"]],
-                "head": e.spec["head"],
+                "stem": e.spec.get("stem"),
+                "repeats": [s["repeats"] for s in e.spec.get("stages", [])],
+                "channels": [s["out"] for s in e.spec.get("stages", [])],
+                "head": e.spec.get("head"),
                 "params": c.params,
                 "params_m": round(c.params_m, 3),
                 "macs": c.macs,
@@ -66,9 +70,9 @@ def render_table(rows: list[dict], title: str):
             f"{r['depth_mult']:.3f}",
             f"{r['width_mult']:.3f}",
             str(r["resolution"]),
-            "-".join(map(str, r["repeats"])),
-            "-".join(map(str, [r["stem"], *r["channels"]])),
-            str(r["head"]),
+            "-".join(map(str, r["repeats"])) or "(its own)",
+            "-".join(map(str, [r["stem"], *r["channels"]])) if r["stem"] else "(its own)",
+            str(r["head"] or "-"),
             f"{r['params_m']:.2f}",
             f"{r['gmacs']:.3f}",
             f"{r['flops_ratio']:.2f}",

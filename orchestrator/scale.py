@@ -133,6 +133,7 @@ class ScaleOptions:
     dataset: str = "synthetic"
     base_resolution: int = defaults.SYNTHETIC_BASE_RESOLUTION
     num_classes: int = 10
+    network: str = "efficientnet-b0"  # the baseline scaled (orchestrator.baselines)
     batch_size: int = defaults.BATCH_SIZE  # B0's per-worker batch; the rule derives the others
     lr: float = defaults.LR  # B0's learning rate at batch_size on one worker
     batch_rule: str = "fit"
@@ -194,7 +195,7 @@ class ScaleOptions:
             baseline=given["baseline"] if given.get("baseline") is not None else prev.get("baseline", base.baseline),
             epochs=pick("epochs"), dataset=dataset,
             base_resolution=pick("base_resolution", scaling.default_base_resolution(dataset)),
-            num_classes=num_classes, batch_size=pick("batch_size"), lr=pick("lr"),
+            num_classes=num_classes, network=pick("network"), batch_size=pick("batch_size"), lr=pick("lr"),
             batch_rule=given.get("batch_rule") or prev.get("batch_rule", base.batch_rule),
             gpu_memory_gb=gpu_memory_gb, workers=workers, seed=int(cfg.get("seed", 0)),
             synthetic_size=tuple(syn) if syn else None, gpus=given.get("gpus"), gpus_per_job=given.get("gpus_per_job"),
@@ -250,6 +251,9 @@ def gpu_memory_for(*, gpus: float | None, given_gb: float | None, address: str |
 
 
 def plan_entries(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[scaling.PlanEntry]:
+    if opts.mode == "official" and opts.network != "efficientnet-b0":
+        raise ScaleInputError(f"--mode official is EfficientNet's B0..B7 table; scale {opts.network} with --mode "
+                              f"compound", param="--mode")
     if opts.mode == "official":
         bad = [p for p in opts.phis if p != int(p) or p > 7]
         if bad:
@@ -257,7 +261,7 @@ def plan_entries(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[scali
         return scaling.official_plan(base_resolution=opts.base_resolution, num_classes=opts.num_classes,
                                      names=[f"B{int(p)}" for p in opts.phis], baseline=opts.baseline)
     return scaling.compound_plan(coeffs, opts.phis, base_resolution=opts.base_resolution,
-                                 num_classes=opts.num_classes, baseline=opts.baseline)
+                                 num_classes=opts.num_classes, baseline=opts.baseline, network=opts.network)
 
 
 def build_plan(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[dict]:
@@ -268,7 +272,8 @@ def build_plan(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[dict]:
     entries = plan_entries(opts, coeffs)
     if not entries:
         raise ScaleInputError("the plan is empty: give --phis or drop --no-baseline")
-    rows = measure_entries(entries, base_resolution=opts.base_resolution, num_classes=opts.num_classes)
+    rows = measure_entries(entries, base_resolution=opts.base_resolution, num_classes=opts.num_classes,
+                           network=opts.network)
     for row, entry in zip(rows, entries):
         batch, lr = batch_and_lr(row["flops_ratio"], base_batch=opts.batch_size, base_lr=opts.lr,
                                  workers=opts.workers, rule=opts.batch_rule, activations_m=row["activations_m"],
@@ -283,6 +288,8 @@ def scale_id_for(source: Source, coeffs: scaling.Coefficients, opts: ScaleOption
     ident = {k: getattr(opts, k) for k in ScaleOptions.IDENTITY}
     if opts.gpu_memory_gb is not None:  # it sets the batches; absent (CPU) it leaves ids as they were
         ident["gpu_memory_gb"] = opts.gpu_memory_gb
+    if opts.network != "efficientnet-b0":  # likewise: B0's scales keep the ids they had
+        ident["network"] = opts.network
     ident["synthetic_size"] = list(opts.synthetic_size) if opts.synthetic_size else None
     ident |= {"search": source.search.id, "trial": source.trial.trial_id,
               "coefficients": [coeffs.alpha, coeffs.beta, coeffs.gamma]}

@@ -230,9 +230,20 @@ def network_key(spec: dict) -> str:
     """Identify the network a spec actually builds: rounded stem, per-stage repeats x
     channels, head and input resolution. Distinct coefficients that round to the same network
     get the same key (ceil(1.1·r) == ceil(1.2·r) for every B0 stage), so a search trains it
-    once. Classes, dropout and drop path are training settings, not part of the key."""
-    stages = "-".join(f"{s['repeats']}x{s['out']}" for s in spec["stages"])
-    return f"r{spec['resolution']}_s{spec['stem']}_{stages}_h{spec['head']}"
+    once. Classes, dropout and drop path are training settings, not part of the key.
+
+    Other baselines (``orchestrator.baselines``) key the same way behind a prefix (``rn50_``,
+    ``mbv2_``); a user's network by its callable and a digest of what it builds."""
+    network = spec.get("network", "efficientnet-b0")
+    if "structure" in spec:
+        return f"{network.replace(':', '.')}_{spec['structure']}_r{spec['resolution']}"
+    stages = "-".join(f"{s['repeats']}x{s['out']}" + (f"m{s['mid']}" if "mid" in s else "") for s in spec["stages"])
+    key = f"r{spec['resolution']}_s{spec['stem']}_{stages}" + (f"_h{spec['head']}" if "head" in spec else "")
+    if network == "efficientnet-b0":
+        return key
+    from orchestrator.baselines import KEY_PREFIX
+
+    return f"{KEY_PREFIX[network]}_{key}"
 
 
 def official_resolution(native: int, base_resolution: int) -> int:
@@ -285,8 +296,12 @@ def compound_plan(
     base_resolution: int = B0_RESOLUTION,
     num_classes: int = 1000,
     baseline: bool = True,
+    network: str = "efficientnet-b0",
 ) -> list[PlanEntry]:
-    """The ``compound`` plan: d, w, r = α^φ, β^φ, γ^φ·base for each φ (B0 first if asked)."""
+    """The ``compound`` plan: d, w, r = α^φ, β^φ, γ^φ·base for each φ (B0 first if asked) of
+    ``network`` (``orchestrator.baselines``; its unscaled form is named B0 whatever it is)."""
+    from orchestrator import baselines
+
     entries = []
     all_phis = ([0.0] if baseline and 0.0 not in phis else []) + list(phis)
     for phi in all_phis:
@@ -294,7 +309,7 @@ def compound_plan(
         # B0 runs at the task's own base; a scaled member at the search's whole-pixel rule (a
         # multiple of 8 is a 20% step at a 40 px base and moved B1 off 2x B0's FLOPs).
         res = base_resolution if phi == 0 else resolution_for(base_resolution, r)
-        spec = network_spec(d, w, res, num_classes=num_classes, dropout=compound_dropout(phi))
+        spec = baselines.spec(network, d, w, res, num_classes=num_classes, dropout=compound_dropout(phi))
         entries.append(
             PlanEntry(phi_name(phi), phi, d, w, res, coeffs.flops_factor**phi, spec)
         )

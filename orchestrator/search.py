@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import faultpoint, raytune, scaling, space
+from orchestrator import baselines, faultpoint, raytune, scaling, space
 from orchestrator.errors import InputError, SearchFailed
 from orchestrator.raytune import state as tunestate
 from orchestrator.recorder import now
@@ -48,6 +48,7 @@ class SearchOptions:
     dataset: str = "synthetic"
     base_resolution: int = defaults.SYNTHETIC_BASE_RESOLUTION
     num_classes: int = 10
+    network: str = "efficientnet-b0"  # the baseline scaled (orchestrator.baselines)
     batch_size: int = defaults.BATCH_SIZE
     lr: float = defaults.LR
     gpus: float | None = None
@@ -179,12 +180,13 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
         cluster, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial, cpus_per_trial=opts.cpus_per_trial,
         base_resolution=opts.base_resolution)
 
-    b0 = measure(scaling.network_spec(1.0, 1.0, opts.base_resolution, num_classes=opts.num_classes))
+    b0 = measure(baselines.spec(opts.network, 1.0, 1.0, opts.base_resolution, num_classes=opts.num_classes,
+                                dropout=0.0))
     grid = None
     if opts.space == "grid":  # before anything is recorded: an empty grid is the user's to fix
         grid = space.grid_candidates(opts.grid_step, opts.tolerance, base_resolution=opts.base_resolution,
                                      num_classes=opts.num_classes, paper_first=opts.paper_point,
-                                     flops_tolerance=opts.flops_tolerance)
+                                     flops_tolerance=opts.flops_tolerance, network=opts.network)
         if len(grid[0]) <= int(opts.paper_point):
             raise SearchInputError(
                 f"the grid has no point whose measured FLOPs are within ±{opts.flops_tolerance:.0%} of 2x B0 "
@@ -209,7 +211,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     raytune.listen(search_id, sink)
     settings = {
         "search_id": search_id, "base_resolution": opts.base_resolution, "num_classes": opts.num_classes,
-        "dedupe": not opts.work_s, "work_s": opts.work_s,
+        "network": opts.network, "dedupe": not opts.work_s, "work_s": opts.work_s,
         "train": opts.training.config(),
     }
 
@@ -328,7 +330,7 @@ def _proposals(opts: SearchOptions, search_id: str, grid, concurrency: int):
     import optuna
 
     fn = space.DefineByRun(opts.space, opts.tolerance, base_resolution=opts.base_resolution,
-                           num_classes=opts.num_classes, flops_tolerance=opts.flops_tolerance)
+                           num_classes=opts.num_classes, flops_tolerance=opts.flops_tolerance, network=opts.network)
     storage = optuna.storages.InMemoryStorage()
     study_name = f"orch-{search_id}"
     study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize")

@@ -228,7 +228,8 @@ class Sink:
         from orchestrator.trainable import coefficients
 
         a, b, g = coefficients(config)
-        cand = space.candidate(a, b, g, base_resolution=self.opts.base_resolution, num_classes=self.opts.num_classes)
+        cand = space.candidate(a, b, g, base_resolution=self.opts.base_resolution, num_classes=self.opts.num_classes,
+                               network=self.opts.network)
         cost = self._cost(cand)
         st = TrialState(tid, alpha=a, beta=b, gamma=g, key=cand.key, resolution=cand.resolution, params=cost.params,
                         gmacs=cost.gmacs, flops_ratio=cost.macs / self.b0_macs, activations_m=cost.activations / 1e6,

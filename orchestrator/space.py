@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from orchestrator import scaling
+from orchestrator import baselines, scaling
 
 SPACES = ("surface", "band", "grid")
 #: The largest α sampled: all of the doubling spent on depth.
@@ -85,38 +85,45 @@ class Candidate:
         return (self.alpha, self.beta, self.gamma) == scaling.PAPER_POINT
 
 
-@lru_cache(maxsize=64)
-def _b0_macs(base_resolution: int, num_classes: int) -> int:
-    from workers.cost import count
+def base_macs(base_resolution: int, num_classes: int, network: str = baselines.DEFAULT) -> int:
+    """Multiply-adds of the unscaled baseline at the task's base resolution."""
+    return _base_macs(base_resolution, num_classes, network)
 
-    return count(scaling.network_spec(1.0, 1.0, base_resolution, num_classes=num_classes)).macs
+
+@lru_cache(maxsize=64)
+def _base_macs(base_resolution: int, num_classes: int, network: str) -> int:
+    return baselines.macs(baselines.spec(network, 1.0, 1.0, base_resolution, num_classes=num_classes, dropout=0.0))
 
 
 @lru_cache(maxsize=200_000)
-def _ratio(alpha: float, beta: float, resolution: int, base_resolution: int, num_classes: int) -> float:
-    from workers.cost import count
-
-    spec = scaling.network_spec(alpha, beta, resolution, num_classes=num_classes)
-    return count(spec).macs / _b0_macs(base_resolution, num_classes)
-
-
-def _build(alpha: float, beta: float, resolution: int, base_resolution: int, num_classes: int, **kw) -> Candidate:
-    spec = scaling.network_spec(alpha, beta, resolution, num_classes=num_classes,
-                                dropout=scaling.compound_dropout(1.0))
-    return Candidate(alpha, beta, resolution / base_resolution, spec,
-                     _ratio(alpha, beta, resolution, base_resolution, num_classes), **kw)
+def _ratio(alpha: float, beta: float, resolution: int, base_resolution: int, num_classes: int,
+           network: str = baselines.DEFAULT) -> float:
+    spec = baselines.spec(network, alpha, beta, resolution, num_classes=num_classes, dropout=0.0)
+    return baselines.macs(spec) / _base_macs(base_resolution, num_classes, network)
 
 
-def candidate(alpha: float, beta: float, gamma: float, *, base_resolution: int, num_classes: int) -> Candidate:
-    """B0 scaled once (φ = 1) by (α, β, γ) at the task's base resolution, as given (no solving):
-    what a trial trains from its config, and the paper's point."""
+def _spec(network: str, alpha: float, beta: float, resolution: int, num_classes: int) -> dict:
+    return baselines.spec(network, alpha, beta, resolution, num_classes=num_classes,
+                          dropout=scaling.compound_dropout(1.0))
+
+
+def _build(alpha: float, beta: float, resolution: int, base_resolution: int, num_classes: int,
+           network: str = baselines.DEFAULT, **kw) -> Candidate:
+    return Candidate(alpha, beta, resolution / base_resolution, _spec(network, alpha, beta, resolution, num_classes),
+                     _ratio(alpha, beta, resolution, base_resolution, num_classes, network), **kw)
+
+
+def candidate(alpha: float, beta: float, gamma: float, *, base_resolution: int, num_classes: int,
+              network: str = baselines.DEFAULT) -> Candidate:
+    """The baseline scaled once (φ = 1) by (α, β, γ) at the task's base resolution, as given (no
+    solving): what a trial trains from its config, and the paper's point."""
     res = scaling.resolution_for(base_resolution, gamma)
-    spec = scaling.network_spec(alpha, beta, res, num_classes=num_classes, dropout=scaling.compound_dropout(1.0))
-    return Candidate(alpha, beta, gamma, spec, _ratio(alpha, beta, res, base_resolution, num_classes))
+    return Candidate(alpha, beta, gamma, _spec(network, alpha, beta, res, num_classes),
+                     _ratio(alpha, beta, res, base_resolution, num_classes, network))
 
 
 def solve(alpha: float, beta: float | None, gamma: float, *, base_resolution: int, num_classes: int,
-          tolerance: float = FLOPS_TOLERANCE) -> Candidate:
+          tolerance: float = FLOPS_TOLERANCE, network: str = baselines.DEFAULT) -> Candidate:
     """The candidate for a proposal: as proposed if its counted FLOPs ratio is within
     ``tolerance`` of 2 (``beta`` None: always solve), else depth and resolution kept and the
     width solved; ``violation`` > 0 if no width ≥ 1 gets within (see the module docstring)."""
@@ -124,12 +131,12 @@ def solve(alpha: float, beta: float | None, gamma: float, *, base_resolution: in
     lo_ok, hi_ok = TARGET * (1 - tolerance), TARGET * (1 + tolerance)
     proposed = (alpha, beta, gamma)
     if beta is not None:
-        as_is = _build(alpha, beta, res, base_resolution, num_classes, proposed=proposed)
+        as_is = _build(alpha, beta, res, base_resolution, num_classes, network, proposed=proposed)
         if lo_ok <= as_is.ratio <= hi_ok:
             return as_is
 
     def ratio(w: float) -> float:
-        return _ratio(alpha, w, res, base_resolution, num_classes)
+        return _ratio(alpha, w, res, base_resolution, num_classes, network)
 
     if ratio(1.0) >= TARGET:  # width cannot go below 1: the smallest width is the answer
         best = 1.0
@@ -144,7 +151,7 @@ def solve(alpha: float, beta: float | None, gamma: float, *, base_resolution: in
             else:
                 lo = mid
         best = min((lo, hi), key=lambda w: abs(ratio(w) - TARGET))
-    c = _build(alpha, best, res, base_resolution, num_classes, proposed=proposed)
+    c = _build(alpha, best, res, base_resolution, num_classes, network, proposed=proposed)
     violation = max(0.0, abs(c.ratio / TARGET - 1.0) - tolerance)
     return Candidate(c.alpha, c.beta, c.gamma, c.spec, c.ratio, violation, proposed)
 
@@ -156,13 +163,14 @@ def flops_constraint(trial) -> tuple[float]:
 
 
 @lru_cache(maxsize=4096)
-def max_resolution(alpha: float, base_resolution: int, num_classes: int, tolerance: float = FLOPS_TOLERANCE) -> int:
+def max_resolution(alpha: float, base_resolution: int, num_classes: int, tolerance: float = FLOPS_TOLERANCE,
+                   network: str = baselines.DEFAULT) -> int:
     """The largest input side at which depth α still fits the budget at width 1 (counted FLOPs
     at most 2·(1 + tolerance) x B0); the base itself if none above it does. Counted FLOPs never
     fall as the side grows, so this bounds γ: beyond it every width is infeasible."""
     hi = TARGET * (1 + tolerance)
     res = base_resolution
-    while res < 4 * base_resolution and _ratio(alpha, 1.0, res + 1, base_resolution, num_classes) <= hi:
+    while res < 4 * base_resolution and _ratio(alpha, 1.0, res + 1, base_resolution, num_classes, network) <= hi:
         res += 1
     return res
 
@@ -176,21 +184,27 @@ class DefineByRun:
     returns (α, β, γ) and the violation as constants (Ray merges them into the trial config)."""
 
     def __init__(self, kind: str, tolerance: float = 0.1, *, base_resolution: int = 32, num_classes: int = 10,
-                 flops_tolerance: float = FLOPS_TOLERANCE):
+                 flops_tolerance: float = FLOPS_TOLERANCE, network: str = baselines.DEFAULT):
         if kind not in ("surface", "band"):
             raise ValueError(f"no define-by-run space {kind!r}; use 'surface' or 'band'")
         self.kind = kind
         self.tolerance = tolerance  # the formula's band (space "band")
         self.base_resolution, self.num_classes, self.flops_tolerance = base_resolution, num_classes, flops_tolerance
+        self.network = network
 
     def __setstate__(self, state):  # searchers saved before these existed
-        self.__dict__.update({"base_resolution": 32, "num_classes": 10, "flops_tolerance": FLOPS_TOLERANCE} | state)
+        self.__dict__.update({"base_resolution": 32, "num_classes": 10, "flops_tolerance": FLOPS_TOLERANCE,
+                              "network": baselines.DEFAULT} | state)
+
+    def _task(self) -> dict:
+        return {"base_resolution": self.base_resolution, "num_classes": self.num_classes, "network": self.network}
 
     def __call__(self, trial) -> dict:
         alpha = trial.suggest_float("alpha", 1.0, ALPHA_MAX)
         # γ's range: up to the side where width 1 already spends the budget (counted, not the
         # formula's sqrt(2/α): rounding makes most of that range infeasible)
-        g_max = max_resolution(alpha, self.base_resolution, self.num_classes, self.flops_tolerance) / self.base_resolution
+        g_max = max_resolution(alpha, self.base_resolution, self.num_classes, self.flops_tolerance,
+                               self.network) / self.base_resolution
         if self.kind == "surface":
             gamma_share = trial.suggest_float("gamma_share", 0.0, 1.0)
             beta, gamma = None, 1.0 + gamma_share * (g_max - 1.0)
@@ -205,10 +219,9 @@ class DefineByRun:
         if trial.user_attrs.get(PAPER_ATTR):
             # The enqueued paper point is evaluated as published, off the surface.
             alpha, beta, gamma = scaling.PAPER_POINT
-            c = candidate(alpha, beta, gamma, base_resolution=self.base_resolution, num_classes=self.num_classes)
+            c = candidate(alpha, beta, gamma, **self._task())
         else:
-            c = solve(alpha, beta, gamma, base_resolution=self.base_resolution, num_classes=self.num_classes,
-                      tolerance=self.flops_tolerance)
+            c = solve(alpha, beta, gamma, tolerance=self.flops_tolerance, **self._task())
         trial.set_user_attr(VIOLATION_ATTR, c.violation)
         return {"beta": c.beta, "gamma": c.gamma, "alpha": c.alpha, "flops_violation": c.violation}
 
@@ -216,7 +229,8 @@ class DefineByRun:
         """Optuna params that put the enqueued paper trial where the paper point projects."""
         a, b, g = scaling.PAPER_POINT
         if self.kind == "surface":
-            g_max = max_resolution(a, self.base_resolution, self.num_classes, self.flops_tolerance) / self.base_resolution
+            g_max = max_resolution(a, self.base_resolution, self.num_classes, self.flops_tolerance,
+                                   self.network) / self.base_resolution
             return {"alpha": a, "gamma_share": min(1.0, (g - 1.0) / (g_max - 1.0)) if g_max > 1 else 0.0}
         budget = TARGET + self.tolerance
         params = {"alpha": a, "beta_share": (b - 1.0) / (_beta_max(a, budget) - 1.0)}
@@ -247,19 +261,20 @@ def grid_points(step: float = 0.05, tolerance: float = 0.1) -> list[tuple[float,
 
 
 def grid_candidates(step: float, tolerance: float, *, base_resolution: int, num_classes: int,
-                    paper_first: bool = True, flops_tolerance: float = FLOPS_TOLERANCE
-                    ) -> tuple[list[Candidate], int, int]:
+                    paper_first: bool = True, flops_tolerance: float = FLOPS_TOLERANCE,
+                    network: str = baselines.DEFAULT) -> tuple[list[Candidate], int, int]:
     """One candidate per distinct network on the grid (each point solved, the first point that
     builds a network keeps it), the number of grid points, and how many of them no width brings
     within ``flops_tolerance`` (left out). The paper point leads when asked, as published."""
     pts = grid_points(step, tolerance)
     seen: dict[str, Candidate] = {}
     if paper_first:
-        c = candidate(*scaling.PAPER_POINT, base_resolution=base_resolution, num_classes=num_classes)
+        c = candidate(*scaling.PAPER_POINT, base_resolution=base_resolution, num_classes=num_classes, network=network)
         seen[c.key] = c
     infeasible = 0
     for a, b, g in pts:
-        c = solve(a, b, g, base_resolution=base_resolution, num_classes=num_classes, tolerance=flops_tolerance)
+        c = solve(a, b, g, base_resolution=base_resolution, num_classes=num_classes, tolerance=flops_tolerance,
+                  network=network)
         if not c.feasible:
             infeasible += 1
             continue

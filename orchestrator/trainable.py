@@ -86,7 +86,7 @@ def trial_fn(config: dict, settings: dict) -> None:
     pin_threads()
     alpha, beta, gamma = coefficients(config)
     cand = space.candidate(alpha, beta, gamma, base_resolution=settings["base_resolution"],
-                           num_classes=settings["num_classes"])
+                           num_classes=settings["num_classes"], network=settings.get("network", "efficientnet-b0"))
     trial_id = tune.get_context().get_trial_id()
     # "worker_pid", not "pid": Tune overwrites a result's "pid" with the reporting process's,
     # which for a replayed trial is not where it was trained. The driver stores it as "pid".

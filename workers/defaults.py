@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+
+class BaselineError(ValueError):
+    """A ``--baseline`` that cannot be used (unknown, or a user's network that cannot be built or
+    scaled); the message says why and what to do. Here, torch-free, for both sides."""
+
 #: Per-trial (and B0's per-worker) batch: small enough for a CPU, per-step noise helps short runs.
 BATCH_SIZE = 64
 #: SGD-Nesterov peak rate at BATCH_SIZE (warm-up, then cosine). Measured at base 40, 3 epochs:

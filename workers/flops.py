@@ -35,7 +35,16 @@ class Cost:
 def measure(spec: dict, resolution: int | None = None) -> Cost:
     """Parameters, multiply-adds and activations of one forward pass of one image."""
     res = int(resolution or spec["resolution"])
-    with torch.device("meta"):
+    try:
+        return _measure(spec, res, "meta")
+    except Exception:  # noqa: BLE001 - a user's network that cannot run on the meta device runs for real
+        if spec.get("network", "efficientnet-b0") in ("efficientnet-b0", "resnet-50", "mobilenet-v2"):
+            raise
+        return _measure(spec, res, "cpu")
+
+
+def _measure(spec: dict, res: int, device: str) -> Cost:
+    with torch.device(device):
         model = build_model(spec).eval()
         x = torch.empty(1, 3, res, res)
     acts = []
@@ -46,4 +55,4 @@ def measure(spec: dict, resolution: int | None = None) -> Cost:
         model(x)
     for h in hooks:
         h.remove()
-    return Cost(params=model.num_params(), macs=counter.get_total_flops() // 2, activations=sum(acts))
+    return Cost(params=sum(p.numel() for p in model.parameters()), macs=counter.get_total_flops() // 2, activations=sum(acts))

@@ -52,7 +52,7 @@ TINY_SPEC = {
 
 def check_spec(spec: dict) -> None:
     """Unknown or missing keys are errors, never silently ignored."""
-    if set(spec) != _SPEC_KEYS:
+    if set(spec) - {"network"} != _SPEC_KEYS:
         raise ValueError(
             f"bad network spec: unknown keys {sorted(set(spec) - _SPEC_KEYS)}, "
             f"missing keys {sorted(_SPEC_KEYS - set(spec))}"
@@ -176,6 +176,11 @@ class EfficientNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(spec: dict) -> EfficientNet:
-    """Build the member described by ``spec`` (a dict; see the module docstring)."""
+def build_model(spec: dict) -> nn.Module:
+    """Build the network ``spec`` describes: an EfficientNet member (see the module docstring),
+    or, when the spec names another ``network``, that baseline (``workers.baselines``)."""
+    if spec.get("network", "efficientnet-b0") != "efficientnet-b0":
+        from workers import baselines
+
+        return baselines.build(spec)
     return EfficientNet(spec)

@@ -208,6 +208,40 @@ num_classes_option = click.option(
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of a table."
 )
+
+
+def _check_baseline(ctx, param, value):
+    if value is None:
+        return None
+    from orchestrator.baselines import check_name
+    from workers.defaults import BaselineError
+
+    try:
+        return check_name(value)
+    except BaselineError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def baseline_option(default):
+    """``--baseline NAME``: the network scaled (``orchestrator.baselines``)."""
+    shown = f" Default: {default}." if default else " Default: the search's."
+    return click.option(
+        "--baseline", "network", default=default, callback=_check_baseline, metavar="NAME",
+        help="The network scaled: efficientnet-b0, resnet-50, mobilenet-v2 (torchvision's, exactly, at multiplier "
+        "1), or 'module.path:callable' for your own: callable(depth=, width=, resolution=, num_classes=) "
+        "returning a torch nn.Module, importable on every node." + shown)
+
+
+def check_network(network: str, *, base_resolution: int, num_classes: int) -> None:
+    """A user's network builds, runs and grows with both multipliers, or a one-line error
+    about --baseline (the built-in ones always do)."""
+    from orchestrator.baselines import check_user
+    from workers.defaults import BaselineError
+
+    try:
+        check_user(network, base_resolution=base_resolution, num_classes=num_classes)
+    except BaselineError as e:
+        raise InputError(str(e), param="--baseline") from None
 def _env_option(flag: str, env: str, metavar: str, help: str):
     """An option that defaults to environment variable ``env`` (said in its help), else None."""
     return click.option(flag, envvar=env, default=None, metavar=metavar, help=f"{help.format(env=f'Env {env}')}")

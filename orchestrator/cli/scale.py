@@ -6,8 +6,8 @@ import click
 
 from orchestrator import scaling
 from orchestrator.cli.options import (
-    CheckedCommand, PhiList, check_dataset, check_id, check_model_name, compile_option, not_above, one_of, open_store,
-    open_tracker, run_options, writable,
+    CheckedCommand, PhiList, baseline_option, check_dataset, check_id, check_model_name, check_network, compile_option,
+    not_above, one_of, open_store, open_tracker, run_options, writable,
 )
 from orchestrator.cli.views import (
     ScaleProgress, connect_and_grow, echo_json, print_dry_run, print_registered, print_scale_outcome,
@@ -30,7 +30,9 @@ from orchestrator.status import Status
 @click.option("--mode", type=click.Choice(scaling.PLAN_MODES), default=None,
               help="compound: depth, width, resolution = α^φ, β^φ, γ^φ of the winner. official: the shipped "
               "B1..B7 table. Default: compound.")
-@click.option("--baseline/--no-baseline", default=None, help="Train B0 too, for comparison. Default: yes.")
+@baseline_option(None)
+@click.option("--no-baseline", is_flag=True, help="Do not train the unscaled network (B0), trained for comparison "
+              "by default.")
 @click.option("--epochs", type=click.IntRange(min=1, max=10_000), default=None,
               help="Epochs per model. Default: the search's.")
 @click.option("--dataset", default=None, callback=check_dataset,
@@ -67,7 +69,7 @@ from orchestrator.status import Status
 @click.option("--dry-run", is_flag=True, help="Print the plan (as `orch plan` does) with each model's batch and lr; "
               "launch nothing.")
 @run_options
-def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpu_memory, gpus,
+def scale(from_run, phis, mode, network, no_baseline, epochs, dataset, base_resolution, batch_size, lr, batch_rule, gpu_memory, gpus,
           gpus_per_job, workers_per_job, cpus_per_worker, max_failures, compile_mode, register_as, dry_run, experiment, home, db_url,
           tracking_uri, address, wait_s, storage, as_json):
     """Train the scaled family B0..Bk from a search's winning α, β, γ, one Ray Train job per model.
@@ -91,10 +93,11 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         source = scale_mod.resolve_source(store, from_run)
         opts = scale_mod.ScaleOptions.inherit(
             source, gpu_memory_gb=scale_mod.gpu_memory_for(gpus=gpus, given_gb=gpu_memory, address=address),
-            mode=mode, phis=phis, baseline=baseline, epochs=epochs, dataset=dataset, base_resolution=base_resolution,
+            mode=mode, phis=phis, baseline=False if no_baseline else None, network=network, epochs=epochs, dataset=dataset, base_resolution=base_resolution,
             batch_size=batch_size, lr=lr, batch_rule=batch_rule, gpus=gpus, gpus_per_job=gpus_per_job,
             workers_per_job=workers_per_job, cpus_per_worker=cpus_per_worker, max_failures=max_failures,
             experiment=experiment, compile=compile_mode)
+    check_network(opts.network, base_resolution=opts.base_resolution, num_classes=opts.num_classes)
     t = source.trial
     coeffs = scaling.Coefficients(t.alpha, t.beta, t.gamma)
     with about("--phis"):
@@ -115,6 +118,10 @@ def scale(from_run, phis, mode, baseline, epochs, dataset, base_resolution, batc
         return
     if source.note and not as_json:
         err.print(source.note, highlight=False)
+    searched = source.search.config.get("network", "efficientnet-b0")
+    if opts.network != searched and not as_json:
+        err.print(f"note: these coefficients were searched on {searched}; scaling {opts.network} with them",
+                  highlight=False)
 
     todo = scale_mod.pending_models(store, scale_id, plan, opts.epochs)
     tracker = open_tracker(home, tracking_uri, experiment)

@@ -8,8 +8,8 @@ import click
 
 from orchestrator import scaling
 from orchestrator.cli.options import (
-    CheckedCommand, alone_with, check_dataset, check_id, compile_option, not_above, num_classes_of, only_with, open_store,
-    open_tracker, run_options, writable,
+    CheckedCommand, alone_with, baseline_option, check_dataset, check_id, check_network, compile_option, not_above,
+    num_classes_of, only_with, open_store, open_tracker, run_options, writable,
 )
 from orchestrator.cli.views import (
     SearchProgress, connect_and_grow, echo_json, print_search_outcome, results_only_stdout, stderr_console, stdout_console,
@@ -59,6 +59,7 @@ RESUME_ALLOWS = {"home", "db_url", "tracking_uri", "address", "wait_s", "storage
 @click.option("--base-resolution", type=click.IntRange(min=32, max=2048), default=None,
               help=f"B0's input size for the task. Default {scaling.B0_RESOLUTION}; {defaults.SYNTHETIC_BASE_RESOLUTION} for the synthetic task "
               "(its images are 64px).")
+@baseline_option("efficientnet-b0")
 @click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=defaults.BATCH_SIZE,
               show_default=True, help="Training batch size per trial.")
 @click.option("--lr", type=click.FloatRange(min=0.0, min_open=True, max=10.0), default=defaults.LR,
@@ -84,7 +85,7 @@ RESUME_ALLOWS = {"home", "db_url", "tracking_uri", "address", "wait_s", "storage
               "own options; only --home/--db-url/--tracking-uri/--address/--wait-for-resources/--storage/--json may be given.")
 @run_options
 def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tolerance, grid_step, no_paper_point,
-           confirm_top, confirm_seeds, data_seed, dataset, base_resolution, batch_size, lr, gpus, gpus_per_trial,
+           confirm_top, confirm_seeds, data_seed, dataset, base_resolution, network, batch_size, lr, gpus, gpus_per_trial,
            cpus_per_trial, max_failures, compile_mode, name, synthetic_size, resume_id, experiment, home, db_url, tracking_uri,
            address, wait_s, storage, as_json):
     """Search φ=1 coefficients (α, β, γ) with α·β²·γ² ≈ 2 as Ray Tune trials.
@@ -96,6 +97,7 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
     orch search                                  # local Ray, CPU, synthetic data
     orch search --gpus 8 --dataset imagefolder:/data/pets --epochs 10
     orch search --space grid --tolerance 0.1 --grid-step 0.1
+    orch search --baseline resnet-50 --dataset imagefolder:/data/pets
     orch search --resume search-20261127-ab12cd  # after a crash or Ctrl-C
     """
     from orchestrator.search import SearchOptions, new_search_id
@@ -111,7 +113,9 @@ def search(space_kind, trials, epochs, grace_epochs, seed, tolerance, flops_tole
         cpus_per_trial=cpus_per_trial, max_failures=max_failures, experiment=experiment,
         synthetic_size=tuple(synthetic_size) if synthetic_size else None,
         confirm_top=confirm_top, confirm_seeds=confirm_seeds, data_seed=data_seed, compile=compile_mode,
+        network=network,
     )
+    check_network(network, base_resolution=opts.base_resolution, num_classes=opts.num_classes)
     store = open_store(home, db_url)
     tracker = open_tracker(home, tracking_uri, experiment)
     _run(opts, search_id, store, tracker, home, address, wait_s, storage, as_json)
