@@ -120,8 +120,11 @@ def _from_search(store, s, via: str) -> Source:
 # --------------------------------------------------------------------------- the plan
 
 
-#: What a scale's stored config holds beside its options: the coefficients and what they came from.
-SCALE_SOURCE_KEYS = ("alpha", "beta", "gamma", "search_id", "trial_id")
+#: What a scale's stored config holds beside its options: the coefficients and what they came from
+#: (and an ablation's targets and seeds).
+SCALE_SOURCE_KEYS = ("alpha", "beta", "gamma", "search_id", "trial_id", "targets", "seeds")
+#: Plan-row keys of an ablation's runs, kept in their scale_runs columns and MLflow params.
+ARM_KEYS = ("arm", "target", "seed")
 
 
 @dataclass
@@ -267,11 +270,17 @@ def plan_entries(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[scali
 def build_plan(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[dict]:
     """The measured plan (the rows of `orch plan`), each with its batch size, lr and spec; the
     ``fit`` rule plans against ``opts.gpu_memory_gb`` (None: CPU jobs)."""
-    from orchestrator.plan import measure_entries
-
     entries = plan_entries(opts, coeffs)
     if not entries:
         raise ScaleInputError("the plan is empty: give --phis or drop --no-baseline")
+    return measured_rows(opts, entries)
+
+
+def measured_rows(opts: ScaleOptions, entries: list[scaling.PlanEntry]) -> list[dict]:
+    """``entries`` measured (as `orch plan` shows them), each with its spec and the batch and lr
+    ``opts``' rule gives it."""
+    from orchestrator.plan import measure_entries
+
     rows = measure_entries(entries, base_resolution=opts.base_resolution, num_classes=opts.num_classes,
                            network=opts.network)
     for row, entry in zip(rows, entries):
@@ -282,9 +291,11 @@ def build_plan(opts: ScaleOptions, coeffs: scaling.Coefficients) -> list[dict]:
     return rows
 
 
-def scale_id_for(source: Source, coeffs: scaling.Coefficients, opts: ScaleOptions) -> str:
+def scale_id_for(source: Source, coeffs: scaling.Coefficients, opts: ScaleOptions, *, extra: dict | None = None,
+                 prefix: str = "scale") -> str:
     """A scale is named by what it trains: the same source, coefficients and plan options give
-    the same id, so running the command again continues that scale."""
+    the same id, so running the command again continues that scale (``extra``: what else names
+    it, an ablation's targets and seeds)."""
     ident = {k: getattr(opts, k) for k in ScaleOptions.IDENTITY}
     if opts.gpu_memory_gb is not None:  # it sets the batches; absent (CPU) it leaves ids as they were
         ident["gpu_memory_gb"] = opts.gpu_memory_gb
@@ -292,9 +303,9 @@ def scale_id_for(source: Source, coeffs: scaling.Coefficients, opts: ScaleOption
         ident["network"] = opts.network
     ident["synthetic_size"] = list(opts.synthetic_size) if opts.synthetic_size else None
     ident |= {"search": source.search.id, "trial": source.trial.trial_id,
-              "coefficients": [coeffs.alpha, coeffs.beta, coeffs.gamma]}
+              "coefficients": [coeffs.alpha, coeffs.beta, coeffs.gamma]} | (extra or {})
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-    return f"scale-{digest[:12]}"
+    return f"{prefix}-{digest[:12]}"
 
 
 # --------------------------------------------------------------------------- running it
@@ -333,7 +344,10 @@ class ScaleOutcome:
 
 class ScaleRun:
     """The driver of one scale: launches jobs as resources allow, collects their reports, and
-    records them (``orchestrator.recorder``) from this one thread."""
+    records them (``orchestrator.recorder``) from this one thread. ``orchestrator.ablate``'s
+    AblationRun is one too (KIND "ablation")."""
+
+    KIND = "scale"
 
     def __init__(self, scale_id: str, source: Source, coeffs: scaling.Coefficients, opts: ScaleOptions,
                  plan: list[dict], *, store, tracker, on_change: Callable[[list], None] | None = None):
@@ -352,9 +366,7 @@ class ScaleRun:
         if existing is not None and existing.status == Status.RUNNING and driver_alive(existing.driver):
             raise ScaleInputError(f"scale {self.scale_id} is being run by process {existing.driver}; "
                                   f"wait for it, or stop it first", usage=False)
-        config = self.opts.as_config() | {"alpha": self.coeffs.alpha, "beta": self.coeffs.beta,
-                                          "gamma": self.coeffs.gamma, "search_id": self.source.search.id,
-                                          "trial_id": self.source.trial.trial_id}
+        config = self._config()
         plan_rows = [{k: v for k, v in r.items() if k != "spec"} for r in self.plan]
         self.rec = Recorder(self.store, self.tracker, kind="model", scope={"orch.scale_id": self.scale_id},
                             unit_tag="orch.model", write_row=self._write, adopt=existing is not None)
@@ -363,8 +375,8 @@ class ScaleRun:
             # command finds again (and which adopts the run), never a run that nothing knows.
             self.store.create_scale(self.scale_id, search_id=self.source.search.id,
                                     trial_id=self.source.trial.trial_id, config=config, plan=plan_rows,
-                                    driver=driver_token())
-        identity = {"orch.kind": "scale", "orch.scale_id": self.scale_id}
+                                    driver=driver_token(), kind=self.KIND)
+        identity = {"orch.kind": self.KIND, "orch.scale_id": self.scale_id}
         self.rec.open_parent(
             self.scale_id, run_id=existing.mlflow_run_id if existing else None,
             adopt=identity if existing else None,
@@ -373,7 +385,8 @@ class ScaleRun:
                              "orch.search_run_id": self.source.search.mlflow_run_id or ""})
         self.store.update_scale(self.scale_id, status=Status.RUNNING, finished_at=None, error=None,
                                 driver=driver_token(), plan=plan_rows, mlflow_run_id=self.parent)
-        self.tracker.save_view(*family_view(self.scale_id))  # what `orch ui` opens
+        if self.KIND == "scale":
+            self.tracker.save_view(*family_view(self.scale_id))  # what `orch ui` opens
         done = {r.model: r for r in self.store.scale_runs(self.scale_id)}
         for m in self.models:
             prev = done.get(m.name)
@@ -391,6 +404,12 @@ class ScaleRun:
                 if m.earlier and m.run_id in open_runs:
                     self.rec.settle(m)
         self._changed()
+
+    def _config(self) -> dict:
+        """What the store keeps as this scale's config: its options, coefficients and source."""
+        return self.opts.as_config() | {"alpha": self.coeffs.alpha, "beta": self.coeffs.beta,
+                                        "gamma": self.coeffs.gamma, "search_id": self.source.search.id,
+                                        "trial_id": self.source.trial.trial_id}
 
     @property
     def pending(self) -> list[ModelState]:
@@ -442,7 +461,7 @@ class ScaleRun:
 
     def _train_cfg(self, m: ModelState) -> dict:
         o = self.opts
-        return defaults.Training(o.dataset, o.epochs, m.row["batch_size"], m.row["lr"], o.seed, o.seed,
+        return defaults.Training(o.dataset, o.epochs, m.row["batch_size"], m.row["lr"], m.row.get("seed", o.seed), o.seed,
                                  o.synthetic_size, o.compile).config() | {"spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY}
 
     def _start(self, m: ModelState) -> None:
@@ -454,7 +473,8 @@ class ScaleRun:
                     "resolution": r["resolution"], "batch_size": r["batch_size"], "lr": r["lr"],
                     "workers": r["workers"], "network_key": r["network_key"], "dataset": self.opts.dataset,
                     "epochs": self.opts.epochs, "seed": self.opts.seed, "mode": self.opts.mode,
-                    "scale_id": self.scale_id, "search_id": self.source.search.id, "compile": self.opts.compile},
+                    "scale_id": self.scale_id, "search_id": self.source.search.id, "compile": self.opts.compile,
+                    "network": self.opts.network} | {k: r[k] for k in ARM_KEYS if k in r},
             metrics=[("gmacs", r["gmacs"], 0), ("params_m", r["params_m"], 0), ("flops_ratio", r["flops_ratio"], 0)])
         self._write(m)
         self._changed()
@@ -536,7 +556,8 @@ class ScaleRun:
         self.store.upsert_scale_run(
             self.scale_id, m.name, phi=r["phi"], depth_mult=r["depth_mult"], width_mult=r["width_mult"],
             resolution=r["resolution"], network_key=r["network_key"], params=r["params"], gmacs=r["gmacs"],
-            batch_size=r["batch_size"], lr=r["lr"], workers=r["workers"], model_uri=m.model_uri, **f)
+            batch_size=r["batch_size"], lr=r["lr"], workers=r["workers"], model_uri=m.model_uri,
+            **{k: r[k] for k in ARM_KEYS if k in r}, **f)
 
     def _changed(self) -> None:
         if self.on_change:
@@ -571,13 +592,19 @@ class ScaleRun:
              "options": self.opts.as_config(),
              "models": [{k: v for k, v in r.items() if k != "spec"} | {"spec": r["spec"]} for r in self.plan]},
             indent=2), "plan.json")
-        if finished:
-            self._log_plot(finished)
+        closing, metrics = self._closing(finished)
+        summary |= closing
         self.rec.end_parent(status, [("wall_s", wall_s, 0), ("models_finished", len(finished), 0)]
-                            + [(f"val_top1_{m.name}", m.last("val_top1"), 0) for m in finished])
+                            + [(f"val_top1_{m.name}", m.last("val_top1"), 0) for m in finished] + metrics)
         self.store.update_scale(self.scale_id, status=status, finished_at=now(), summary=summary, error=error)
         return ScaleOutcome(self.scale_id, self.parent, self.source.search.id, self.source.trial.trial_id, status,
                             self.models, summary)
+
+    def _closing(self, finished: list[ModelState]) -> tuple[dict, list]:
+        """What the end adds: to the summary, and metrics of the parent run; a scale plots its family."""
+        if finished:
+            self._log_plot(finished)
+        return {}, []
 
     def _log_plot(self, finished: list[ModelState]) -> None:
         import tempfile
@@ -668,6 +695,9 @@ def register_scale(store, tracker, scale_id: str, name: str) -> list[dict]:
     sc = store.get_scale(scale_id)
     if sc is None:
         raise InputError(f"no scale {scale_id!r}; `orch runs list` shows the scales", param="SCALE_ID")
+    if sc.kind != "scale":
+        raise InputError(f"{scale_id} is an {sc.kind}: its runs compare scaling strategies and are not a family to "
+                         f"register; register a scale (`orch runs list` shows them)", param="SCALE_ID")
     members = [r for r in store.scale_runs(scale_id) if r.status == Status.FINISHED and r.model_uri]
     if not members:
         raise InputError(f"scale {scale_id} has no finished member with a logged model (members trained before "

@@ -122,3 +122,14 @@ def test_a_users_network_end_to_end(ray_session, home):
     assert sc.config["network"] == ref
     run = store.scale_runs(sc.id)[0]
     assert run.network_key.startswith("tests.usernets.tiny_") and run.val_top1 is not None
+
+
+@pytest.mark.parametrize("name", ["resnet-50", "mobilenet-v2"])
+@pytest.mark.parametrize("depth,width,res", [(1.0, 1.0, 224), (1.3, 1.0, 97), (1.0, 1.37, 64), (2.1, 1.6, 33)])
+def test_arithmetic_count_equals_the_meta_device(name, depth, width, res):
+    """What the solver counts by arithmetic is what the built network measures."""
+    from workers.cost import count
+
+    spec = baselines.spec(name, depth, width, res, num_classes=17, dropout=0.2)
+    c, m = count(spec), measure(spec)
+    assert (c.params, c.macs, c.activations) == (m.params, m.macs, m.activations)

@@ -232,6 +232,11 @@ def test_past_revision_fixture_upgrades_to_head(tmp_path):
         if rev == "0004":  # a member trained before 0005 has no logged model, and says so
             (member,) = store.scale_runs("scale-old")
             assert member.model == "B1" and member.val_top1 == 0.5 and member.model_uri is None
+        if rev >= "0002":  # every scale before 0006 is a family; its members belong to no ablation arm
+            assert store.get_scale("scale-old").kind == "scale"
+            assert all(r.arm is None and r.target is None and r.seed is None for r in store.scale_runs("scale-old"))
+        if rev == "0005":
+            assert store.scale_runs("scale-old")[0].model_uri == "models:/m-old"
         store.close()
 
 
@@ -275,5 +280,5 @@ def test_migrations_have_exactly_one_head_and_a_linear_history():
     script = ScriptDirectory.from_config(alembic_config())
     assert script.get_heads() == [head_revision()]
     revs = list(script.walk_revisions())
-    assert [r.revision for r in reversed(revs)] == ["0001", "0002", "0003", "0004", "0005"]
+    assert [r.revision for r in reversed(revs)] == ["0001", "0002", "0003", "0004", "0005", "0006"]
     assert all(len(r.nextrev) <= 1 for r in revs)  # no branches

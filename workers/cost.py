@@ -2,7 +2,8 @@
 and activations for one image. Pure arithmetic (no torch), so the search can count thousands
 of candidates in the time the meta device counts one (~0.3 s each there, microseconds here).
 
-It walks the same layers ``workers.model.EfficientNet`` builds, in the same order; the tests
+It walks the same layers ``workers.model.EfficientNet`` (and ``workers.baselines``' ResNet-50
+and MobileNetV2) build, in the same order; the tests
 check that it equals ``workers.flops.measure`` (torch's FlopCounterMode on the meta device)
 exactly, over many specs. Counted as there: a convolution or linear layer costs
 ``k·k·(cin/groups)·cout`` multiply-adds per output position; element-wise work (BatchNorm,
@@ -40,6 +41,47 @@ def count(spec: dict) -> Count:
         params += kernel * kernel * (cin // groups) * cout + (cout if bias else 0) + (2 * cout if bn else 0)
         macs += kernel * kernel * (cin // groups) * cout * side * side
         acts += cout * side * side
+
+    def linear(cin: int, cout: int) -> None:
+        nonlocal params, macs, acts
+        params += cin * cout + cout
+        macs += cin * cout
+        acts += cout
+
+    network = spec.get("network", "efficientnet-b0")
+    if network == "resnet-50":  # workers.baselines.ResNet
+        conv(3, spec["stem"], 7, 2)
+        side = _out(side, 3, 2)  # the max pool
+        cin = spec["stem"]
+        for stage in spec["stages"]:
+            for r in range(stage["repeats"]):
+                stride = stage["stride"] if r == 0 else 1
+                conv(cin, stage["mid"])
+                conv(stage["mid"], stage["mid"], 3, stride)
+                conv(stage["mid"], stage["out"])
+                if stride != 1 or cin != stage["out"]:  # the projection shortcut, on the block's output grid
+                    params += cin * stage["out"] + 2 * stage["out"]
+                    macs += cin * stage["out"] * side * side
+                    acts += stage["out"] * side * side
+                cin = stage["out"]
+        linear(cin, spec["num_classes"])
+        return Count(params, macs, acts)
+    if network == "mobilenet-v2":  # workers.baselines.MobileNetV2
+        conv(3, spec["stem"], 3, 2)
+        cin = spec["stem"]
+        for stage in spec["stages"]:
+            for r in range(stage["repeats"]):
+                mid = int(round(cin * stage["expand"]))
+                if stage["expand"] != 1:
+                    conv(cin, mid)
+                conv(mid, mid, 3, stage["stride"] if r == 0 else 1, groups=mid)
+                conv(mid, stage["out"])
+                cin = stage["out"]
+        conv(cin, spec["head"])
+        linear(spec["head"], spec["num_classes"])
+        return Count(params, macs, acts)
+    if network != "efficientnet-b0":
+        raise ValueError(f"no arithmetic count for {network!r}; measure it (workers.flops.measure)")
 
     conv(3, spec["stem"], 3, 2)
     cin = spec["stem"]

@@ -45,6 +45,7 @@ def main():
     orch plan                      show a scaled family: repeats, channels, params, GMACs
     orch search --gpus 8           the φ=1 search as Ray Tune trials (Optuna + ASHA)
     orch scale --from-run <id>     train B1..B7 from a search's winner
+    orch ablate --from-run <id>    compound vs depth/width/resolution-only scaling at equal FLOPs
     orch register <scale> NAME     the family in the MLflow model registry (models:/NAME@b3)
     orch export <scale> --model B3 --format onnx --out b3.onnx
     orch ui                        compare the family in the MLflow UI
@@ -66,6 +67,7 @@ def main():
 
 
 def _attach() -> None:
+    from orchestrator.cli.ablate import ablate
     from orchestrator.cli.data import data
     from orchestrator.cli.db import db
     from orchestrator.cli.export import export
@@ -76,7 +78,7 @@ def _attach() -> None:
     from orchestrator.cli.search import search
     from orchestrator.cli.ui import ui
 
-    for command in (plan, search, scale, register, export, runs, ui, data, db):
+    for command in (plan, search, scale, ablate, register, export, runs, ui, data, db):
         main.add_command(command)
 
 

@@ -242,6 +242,8 @@ def check_network(network: str, *, base_resolution: int, num_classes: int) -> No
         check_user(network, base_resolution=base_resolution, num_classes=num_classes)
     except BaselineError as e:
         raise InputError(str(e), param="--baseline") from None
+
+
 def _env_option(flag: str, env: str, metavar: str, help: str):
     """An option that defaults to environment variable ``env`` (said in its help), else None."""
     return click.option(flag, envvar=env, default=None, metavar=metavar, help=f"{help.format(env=f'Env {env}')}")

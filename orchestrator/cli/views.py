@@ -68,9 +68,12 @@ def scale_json(sc, *, full: bool = False) -> dict:
     models and its best finished model."""
     models = (sc.summary or {}).get("models", [])
     scored = [m for m in models if m.get("val_top1") is not None]
+    best = max(scored, key=lambda m: m["val_top1"], default=None) if sc.kind == "scale" else None
     return {"kind": "scale", "name": f"from {sc.search_id}"} | record_json(
         sc, drop=() if full else ("config", "plan", "summary", "driver")) | {
-        "models": [p["name"] for p in sc.plan], "best": max(scored, key=lambda m: m["val_top1"], default=None)}
+        "models": [p["name"] for p in sc.plan], "best": best} | (
+        {"verdicts": (sc.summary or {}).get("verdicts", []), "report": (sc.summary or {}).get("report", [])}
+        if sc.kind == "ablation" else {})
 
 
 def model_json(r) -> dict:
@@ -248,6 +251,10 @@ def runs_table(entries: list[dict]):
         b = e["best"] or {}
         if e["kind"] == "search":
             where = f"{b['alpha']:.3f}, {b['beta']:.3f}, {b['gamma']:.3f}" if b else "-"
+        elif e["kind"] == "ablation":  # compound against each single arm, per target
+            where = " | ".join(f"{r['target']:g}x: " + ", ".join(f"{c['verdict']} vs {arm}" for arm, c in
+                                                                 r["compound_minus"].items())
+                               for r in e.get("report", [])) or "-"
         else:
             where = f"{b['name']} of {'-'.join([e['models'][0], e['models'][-1]])}" if b else "-"
         table.add_row(e["id"], e["kind"], e["name"], e["status"], e["created_at"].isoformat()[:19],
@@ -320,12 +327,23 @@ def print_scale(out, sc, models: list[dict]) -> None:
     from orchestrator.chart import print_family
 
     c = sc.config
+    what = f"{c.get('network', 'efficientnet-b0')}, {c.get('mode')}" if sc.kind == "scale" else \
+        f"{c.get('network', 'efficientnet-b0')} ablation at {', '.join(f'{t:g}x' for t in c.get('targets', []))}"
     out.print(f"{sc.id} {sc.status}, from {sc.search_id} trial {sc.trial_id} (α={c.get('alpha'):.4f} "
-              f"β={c.get('beta'):.4f} γ={c.get('gamma'):.4f}, {c.get('mode')}), created "
+              f"β={c.get('beta'):.4f} γ={c.get('gamma'):.4f}, {what}), created "
               f"{sc.created_at.isoformat()[:19]}, MLflow run {sc.mlflow_run_id}", highlight=False)
     if sc.error:
         out.print(f"error: {sc.error}", highlight=False)
-    out.print(models_table(models, "models"))
+    out.print(models_table(models, "models" if sc.kind == "scale" else "runs (arm × seed)"))
+    if sc.kind == "ablation":
+        from orchestrator.cli.ablate import report_table
+
+        summary = sc.summary or {}
+        if summary.get("report"):
+            out.print(report_table(summary["report"], "compound against single-dimension scaling"))
+        for line in summary.get("verdicts", []):
+            out.print(line, highlight=False)
+        return
     print_model_uris(out, models)
     print_family(sc.id, models, reference=c.get("mode") == "compound")
 

@@ -93,6 +93,7 @@ class Scale(Base):
     summary: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     driver: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:pid of the last driver
+    kind: Mapped[str] = mapped_column(String(16), default="scale", server_default="scale")  # scale | ablation (0006)
 
 
 class ScaleRun(Base):
@@ -115,6 +116,11 @@ class ScaleRun(Base):
     lr: Mapped[float] = mapped_column(Float)
     workers: Mapped[int] = mapped_column(Integer)
     model_uri: Mapped[str | None] = mapped_column(Text, nullable=True)  # the logged MLflow model (0005)
+    # an ablation's run (0006): its arm (baseline | compound | depth | width | resolution), the
+    # FLOPs multiple of the baseline it matches, its seed; None for a scale's members
+    arm: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    target: Mapped[float | None] = mapped_column(Float, nullable=True)
+    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
     status: Mapped[str] = mapped_column(String(20))  # orchestrator.status.Status
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)

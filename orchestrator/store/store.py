@@ -153,6 +153,7 @@ class ScaleRecord:
     summary: dict | None
     error: str | None
     driver: str | None
+    kind: str = "scale"  # scale | ablation
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,9 @@ class ScaleRunRecord(UnitRecord):
     lr: float
     workers: int
     model_uri: str | None = None  # models:/<id>, the member's weights as an MLflow model
+    arm: str | None = None  # an ablation's: which arm, FLOPs multiple and seed
+    target: float | None = None
+    seed: int | None = None
 
 
 def _record(cls, row):
@@ -441,9 +445,9 @@ class ResultsStore:
     # ------------------------------------------------------------------ scales
 
     def create_scale(self, scale_id: str, *, search_id: str, trial_id: str, config: dict, plan: list,
-                     mlflow_run_id: str | None = None, driver: str | None = None) -> ScaleRecord:
+                     mlflow_run_id: str | None = None, driver: str | None = None, kind: str = "scale") -> ScaleRecord:
         return self._create(Scale, ScaleRecord, id=scale_id, search_id=search_id, trial_id=trial_id, config=config,
-                            plan=plan, mlflow_run_id=mlflow_run_id, driver=driver)
+                            plan=plan, mlflow_run_id=mlflow_run_id, driver=driver, kind=kind)
 
     def update_scale(self, scale_id: str, **values) -> None:
         self._update(Scale, ScaleRecord, scale_id, values)
