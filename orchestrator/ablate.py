@@ -47,8 +47,11 @@ FLOPS_TOLERANCE = 0.05
 #: How far (relative) from the target a compound member may be; the one closest to it whose
 #: single-dimension arms all match is taken (rounding makes FLOPs a staircase in each dimension).
 COMPOUND_BAND = 0.10
-#: With the default targets, how far (a factor either way) a target may move to where every arm matches.
+#: With the default targets, how far a target may move to where every arm matches: down by this
+#: factor, up by its square (at small bases the smallest compound member can be far above 2x), and
+#: how many multiples are tried, nearest first.
 ADJUST_FACTOR = 1.5
+MAX_ADJUST_TRIES = 24
 #: Resolution-only networks tried as anchors for a width-solved compound member, closest first.
 MAX_ANCHORS = 8
 #: Depth multiplier step of the scan for depth-only anchors (repeats change at multiples of 1/repeats).
@@ -78,6 +81,7 @@ class Arm:
     resolution: int
     spec: dict
     ratio: float  # measured multiply-adds / the baseline's
+    width_solved: bool = False  # a compound member whose width was solved onto the others' FLOPs
 
     @property
     def label(self) -> str:
@@ -195,25 +199,40 @@ def arms(coeffs: scaling.Coefficients, targets: list[float], *, network: str, ba
                     yield phi, d, w, res, r
                     break
 
-    def at(t: float) -> list[Arm]:
+    base_key = scaling.network_key(base_spec)
+
+    def genuine(d: float, w: float, res: int) -> bool:
+        """A compound member grows all three: more blocks, more channels, more pixels than the
+        baseline (else "compound against depth" can compare a network with itself)."""
+        return (res > base_resolution and scaling.network_key(spec(d, 1.0, base_resolution, 0.0)) != base_key
+                and scaling.network_key(spec(1.0, w, base_resolution, 0.0)) != base_key)
+
+    taken: set[str] = set()  # compound networks of earlier targets: each target compares a new one
+
+    def at(t: float, width_solved: bool = True) -> list[Arm]:
         # the compound members around the target (distinct networks within COMPOUND_BAND of it),
-        # closest first, then width-solved ones; the first whose three single arms all match is taken
+        # closest first, then (``width_solved``) width-solved ones; the first whose three single
+        # arms all match is taken
         lo, hi, phi0 = _closest(lambda p: ratio(*compound_at(p)), 0.0, scaling.PHI_MAX, t)
         near: dict[tuple, tuple[float, float]] = {}
         steps = int(PHI_WINDOW / PHI_STEP)
         for phi in (phi0 + i * PHI_STEP for i in range(-steps, steps + 1)):
-            if 0.0 < phi <= scaling.PHI_MAX and abs((r := ratio(*compound_at(phi))) / t - 1) <= COMPOUND_BAND:
+            if 0.0 < phi <= scaling.PHI_MAX and abs((r := ratio(*compound_at(phi))) / t - 1) <= COMPOUND_BAND \
+                    and genuine(*compound_at(phi)) \
+                    and scaling.network_key(spec(*compound_at(phi), 0.0)) not in taken:
                 near.setdefault(compound_at(phi), (phi, r))
         first_error = None if near else (
             f"no compound member is within ±{COMPOUND_BAND:.0%} of it (its FLOPs jump from {ratio(*compound_at(lo)):.3f}x "
             f"to {ratio(*compound_at(hi)):.3f}x at φ={hi:.3f})")
-        candidates = [(phi, d, w, res, r) for (d, w, res), (phi, r) in
+        candidates = [(phi, d, w, res, r, False) for (d, w, res), (phi, r) in
                       sorted(near.items(), key=lambda kv: abs(kv[1][1] / t - 1))]
-        for phi, d, w, res, c_ratio in itertools.chain(candidates, anchored(t)):
+        solved = ((*c, True) for c in anchored(t) if genuine(*c[1:4])
+                  and scaling.network_key(spec(*c[1:4], 0.0)) not in taken) if width_solved else ()
+        for phi, d, w, res, c_ratio, was_solved in itertools.chain(candidates, solved):
             dropout = scaling.compound_dropout(phi)
             found, error = singles(t, phi, c_ratio, dropout)
             if error is None:
-                return [Arm(t, "compound", phi, d, w, res, spec(d, w, res, dropout), c_ratio), *found]
+                return [Arm(t, "compound", phi, d, w, res, spec(d, w, res, dropout), c_ratio, was_solved), *found]
             first_error = first_error or error
         below, above, _ = _closest(lambda x: ratio(1.0, 1.0, int(x)), base_resolution, int(base_resolution * MULT_MAX),
                                    t, integer=True)
@@ -227,11 +246,18 @@ def arms(coeffs: scaling.Coefficients, targets: list[float], *, network: str, ba
     out = [Arm(1.0, "baseline", 0.0, 1.0, 1.0, base_resolution, base_spec, 1.0)]
     for t in targets:
         try:
-            out += at(t)
+            found = at(t)
         except AblationInputError:
             if not adjust:
                 raise
-            out += _nearest_feasible(t, at, lambda res: ratio(1.0, 1.0, res), base_resolution)
+            found = _nearest_feasible(t, at, lambda res: ratio(1.0, 1.0, res), base_resolution)
+        taken.add(scaling.network_key(found[0].spec))
+        out += found
+    labels = [a.label for a in out]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise AblationInputError(f"two targets name the same runs ({', '.join(twice)}); give --targets that differ "
+                                 f"in their first digits", param="--targets")
     return out
 
 
@@ -242,15 +268,18 @@ def _nearest_feasible(t: float, at, res_ratio, base_resolution: int) -> list[Arm
     cands = {}
     for res in range(base_resolution + 1, int(base_resolution * MULT_MAX)):
         r = res_ratio(res)
-        if r > t * ADJUST_FACTOR:
+        if r > t * ADJUST_FACTOR ** 2:
             break
         if r >= t / ADJUST_FACTOR and r > 1.0:
             cands.setdefault(round(r, 2), res)
-    for r in sorted(cands, key=lambda r: abs(math.log(r / t))):
-        try:
-            return at(r)
-        except AblationInputError:
-            continue
+    near = sorted(cands, key=lambda r: abs(math.log(r / t)))[:MAX_ADJUST_TRIES]
+    # nearest first; at each multiple a member as scaled, else a width-solved one
+    for r in near:
+        for width_solved in (False, True):
+            try:
+                return at(r, width_solved)
+            except AblationInputError:
+                continue
     return at(t)
 
 
@@ -264,7 +293,8 @@ def plan_rows(opts: ScaleOptions, coeffs: scaling.Coefficients, targets: list[fl
     rows = []
     for a, row in zip(found, measured_rows(opts, entries)):
         for i in range(seeds):
-            rows.append(row | {"name": f"{a.label}-s{i}", "arm": a.arm, "target": a.target, "seed": opts.seed + i})
+            rows.append(row | {"name": f"{a.label}-s{i}", "arm": a.arm, "target": a.target, "seed": opts.seed + i,
+                               "width_solved": a.width_solved})
     return rows
 
 
@@ -310,7 +340,8 @@ def report(runs: list[dict]) -> list[dict]:
             by_arm[arm] = {r["seed"]: r["val_top1"] for r in rs}
             entry["arms"][arm] = {
                 "n": len(accs), "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "gmacs": rs[0]["gmacs"], "flops_ratio": rs[0]["flops_ratio"], "seeds": sorted(by_arm[arm])}
+                "gmacs": rs[0]["gmacs"], "flops_ratio": rs[0]["flops_ratio"], "seeds": sorted(by_arm[arm]),
+                "width_solved": bool(rs[0].get("width_solved"))}
         comp = by_arm.get("compound", {})
         for arm in SINGLE:
             other = by_arm.get(arm, {})
@@ -336,7 +367,9 @@ def sentence(entry: dict) -> str:
     parts = [f"{words[c['verdict']]} {arm} ({c['mean'] * 100:+.1f} points"
              + (f", 95% CI {c['ci95'][0] * 100:+.1f} to {c['ci95'][1] * 100:+.1f})" if c["ci95"] else ")")
              for arm, c in entry["compound_minus"].items()]
-    return f"at {entry['target']:g}x the baseline's FLOPs, compound " + ("; ".join(parts) or "has nothing to compare")
+    solved = " (its width solved onto the others' FLOPs)" if entry["arms"].get("compound", {}).get("width_solved") else ""
+    return (f"at {entry['target']:g}x the baseline's FLOPs, compound{solved} "
+            + ("; ".join(parts) or "has nothing to compare"))
 
 
 def plot(rep: list[dict], path: Path, *, title: str) -> Path:
@@ -392,7 +425,8 @@ class AblationRun(ScaleRun):
 
     def _closing(self, finished) -> tuple[dict, list]:
         runs = [{"arm": m.row["arm"], "target": m.row["target"], "seed": m.row["seed"], "val_top1": m.last("val_top1"),
-                 "gmacs": m.row["gmacs"], "flops_ratio": m.row["flops_ratio"]}
+                 "gmacs": m.row["gmacs"], "flops_ratio": m.row["flops_ratio"],
+                 "width_solved": m.row.get("width_solved", False)}
                 for m in finished if m.last("val_top1") is not None]
         self.report = report(runs)
         metrics = []

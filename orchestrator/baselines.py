@@ -85,20 +85,30 @@ def structure(name: str, depth: float, width: float, resolution: int, num_classe
     buffers' names and shapes after one forward pass of an image (which also sizes lazy layers).
     Two multipliers that build the same network share it."""
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from workers.baselines import call_user
 
-    with torch.device("meta"):
-        model = call_user({"network": name, "depth": depth, "width": width, "resolution": resolution,
-                           "num_classes": num_classes})
-        try:
-            with torch.no_grad():
-                model.eval()(torch.empty(1, 3, resolution, resolution))
-        except Exception as e:  # noqa: BLE001 - the user's forward pass: one line, with the input it got
-            raise BaselineError(f"--baseline {name!r}: its network does not run on a (1, 3, {resolution}, "
-                                f"{resolution}) image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                                ) from None
+    spec = {"network": name, "depth": depth, "width": width, "resolution": resolution, "num_classes": num_classes}
+    error = None
+    for device in ("meta", "cpu"):  # a network that cannot run on the meta device (.item(), …) runs for real
+        with torch.device(device):
+            model = call_user(spec)
+            counter = FlopCounterMode(display=False)
+            try:
+                with torch.no_grad(), counter:
+                    model.eval()(torch.zeros(1, 3, resolution, resolution))
+                break
+            except Exception as e:  # noqa: BLE001 - the user's forward pass: one line, with the input it got
+                error = error or e
+    else:
+        raise BaselineError(f"--baseline {name!r}: its network does not run on a (1, 3, {resolution}, "
+                            f"{resolution}) image ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0] if str(error) else ''})")
+    # shapes and FLOPs: a network that loops a shared block by depth has its parameters' shapes at
+    # every depth, not its FLOPs
     shapes = [f"{n}:{tuple(t.shape)}" for n, t in list(model.named_parameters()) + list(model.named_buffers())]
+    shapes.append(f"flops:{counter.get_total_flops()}")
     return hashlib.sha256("\n".join(shapes).encode()).hexdigest()[:16]
 
 

@@ -33,6 +33,15 @@ def _within(arms_, tolerance=ablate.FLOPS_TOLERANCE):
         scaled = {"depth": a.depth != 1.0, "width": a.width != 1.0, "resolution": a.resolution != arms_[0].resolution}
         if a.arm in scaled:
             assert scaled[a.arm] and sum(scaled.values()) == 1, a
+        if a.arm == "compound":  # a network of its own: grown in all three (never one of the single arms)
+            assert all(scaled.values()), a
+            base_key = scaling.network_key(arms_[0].spec)
+            for d, w in ((a.depth, 1.0), (1.0, a.width)):
+                spec = baselines.spec(a.spec.get("network", "efficientnet-b0"), d, w, arms_[0].resolution,
+                                      num_classes=10, dropout=0.2)
+                assert scaling.network_key(spec) != base_key, a
+    compounds = [scaling.network_key(a.spec) for a in arms_ if a.arm == "compound"]
+    assert len(set(compounds)) == len(compounds)  # each target compares a compound network of its own
 
 
 @pytest.mark.parametrize("network,base,targets,coeffs", [
@@ -52,18 +61,23 @@ def test_every_arm_matches_its_compound_member(network, base, targets, coeffs):
             assert abs(a.ratio / a.target - 1) <= ablate.COMPOUND_BAND
 
 
-@pytest.mark.parametrize("base", [32, 48])
-def test_default_targets_move_where_resolution_jumps(base):
+@pytest.mark.parametrize("network,base", [("efficientnet-b0", 32), ("efficientnet-b0", 48), ("mobilenet-v2", 40)])
+def test_default_targets_move_where_resolution_jumps(network, base):
     """At small bases one pixel adds a row to every late feature map: 2x cannot be matched by
-    resolution alone at base 32 (1x at 32 px, 2.4x at 33 px). Asked explicitly: one error that
-    says so; by default: the nearest multiple where every arm can be matched."""
-    with pytest.raises(ablate.AblationInputError, match="resolution alone gives"):
+    resolution alone at base 32 (1x at 32 px, 2.4x at 33 px), and the smallest compound member
+    that grows all three dimensions costs 3.7x. Asked explicitly: one error that says so; by
+    default: the nearest multiples where every arm can be matched."""
+    with pytest.raises(ablate.AblationInputError, match="resolution alone gives 1.000x at 32 px, then 2.410x"):
         ablate.arms(PAPER, [2.0], network="efficientnet-b0", base_resolution=32, num_classes=10)
-    arms_ = ablate.arms(PAPER, [2.0, 4.0], network="efficientnet-b0", base_resolution=base, num_classes=10,
-                        adjust=True)
+    arms_ = ablate.arms(PAPER, [2.0, 4.0], network=network, base_resolution=base, num_classes=10, adjust=True)
     targets = sorted({a.target for a in arms_[1:]})
-    assert len(targets) == 2 and 2.0 / ablate.ADJUST_FACTOR <= targets[0] <= 2.0 * ablate.ADJUST_FACTOR
+    assert len(targets) == 2 and 2.0 / ablate.ADJUST_FACTOR <= targets[0] <= 2.0 * ablate.ADJUST_FACTOR ** 2
     _within(arms_)
+
+
+def test_targets_that_name_the_same_runs_are_one_error():
+    with pytest.raises(ablate.AblationInputError, match="two targets name the same runs"):
+        ablate.arms(PAPER, [2.0, 2.0000001], network="efficientnet-b0", base_resolution=224, num_classes=10)
 
 
 def test_report_verdicts_and_intervals():
@@ -114,7 +128,10 @@ def test_ablation_end_to_end_killed_resumed_and_idempotent(tmp_path):
                              env={"ORCH_HOME": str(home)})
     assert res.exit_code == 2 and "resolution alone gives 1.000x at 32 px" in error_line(res)
 
-    args = ["ablate", "--from-run", search["search_id"], "--targets", "2.5", "--seeds", "2", "--gpus", "0", "--json"]
+    # the paper point's trial (coefficients known whatever the search's winner), at base 36
+    paper = next(t for t in store.trials(search["search_id"]) if t.off_surface)
+    args = ["ablate", "--from-run", paper.trial_id, "--base-resolution", "36", "--targets", "2.56", "--seeds", "2",
+            "--gpus", "0", "--json"]
     log = tmp_path / "ablate1"
     p = spawn(args, dict(env, ORCH_KILL_AT="model-ended:3"), log)
     p.wait(timeout=600)
@@ -135,19 +152,19 @@ def test_ablation_end_to_end_killed_resumed_and_idempotent(tmp_path):
         if r.model in before:
             assert (r.mlflow_run_id, r.started_at) == (before[r.model].mlflow_run_id, before[r.model].started_at)
     assert {(r.arm, r.seed) for r in rows} == {(a, s) for a in ablate.ARMS for s in (0, 1)}
-    assert {r.target for r in rows} == {1.0, 2.5}
+    assert {r.target for r in rows} == {1.0, 2.56}
     base = next(r for r in rows if r.arm == "baseline").gmacs
     compound = next(r for r in rows if r.arm == "compound").gmacs
     for r in rows:
         if r.arm in ablate.SINGLE:
             assert abs(r.gmacs / compound - 1) <= ablate.FLOPS_TOLERANCE + 1e-4  # gmacs are rounded to 1e-4
     (e,) = out["report"]
-    assert e["target"] == 2.5 and set(e["arms"]) == set(ablate.ARMS)
+    assert e["target"] == 2.56 and set(e["arms"]) == set(ablate.ARMS)
     assert set(e["compound_minus"]) == set(ablate.SINGLE)
     for c in e["compound_minus"].values():
         assert c["pairs"] == 2 and c["verdict"] in ("wins", "ties", "loses")
         assert c["ci95"][0] <= c["mean"] <= c["ci95"][1]
-    assert len(out["verdicts"]) == 1 and out["verdicts"][0].startswith("at 2.5x the baseline's FLOPs, compound")
+    assert len(out["verdicts"]) == 1 and out["verdicts"][0].startswith("at 2.56x the baseline's FLOPs, compound")
     assert base < compound
 
     client = mlflow_client(home)
@@ -158,7 +175,7 @@ def test_ablation_end_to_end_killed_resumed_and_idempotent(tmp_path):
     assert len(kids) == 10 and {k.info.run_id for k in kids} == {r.mlflow_run_id for r in rows}
     assert {(k.data.params["arm"], k.data.params["seed"]) for k in kids} == {(a, str(s)) for a in ablate.ARMS
                                                                             for s in (0, 1)}
-    assert parent.data.metrics["x2.5_compound_minus_depth"] == pytest.approx(e["compound_minus"]["depth"]["mean"])
+    assert parent.data.metrics["x2.56_compound_minus_depth"] == pytest.approx(e["compound_minus"]["depth"]["mean"])
 
     log = tmp_path / "ablate3"  # the same command once more: nothing trains, the same report
     again = finish(spawn(args, env, log), log)

@@ -6,7 +6,9 @@ Like B0's, these specs hold resolved integers (per-stage repeats and channels; t
 ``orchestrator.baselines``'), so the builders never see a multiplier and a network key names
 what is built. At multiplier 1 the two built-in ones are torchvision's ``resnet50`` and
 ``mobilenet_v2`` layer for layer (same parameter count and multiply-adds; the tests hold them
-to the reference figures). A user's callable is the exception: it gets the multipliers
+to the reference figures). One training departure, as in orch's B0: each ResNet block's last
+BatchNorm starts at zero (torchvision's ``zero_init_residual=True``; its default is False), so a
+deeper network starts as trainable as a shallow one on short budgets. A user's callable is the exception: it gets the multipliers
 themselves (``depth``, ``width``, ``resolution``, ``num_classes``) and rounds as it likes; its
 network is identified by what it builds (``structure``, a digest of its parameter shapes).
 
@@ -134,7 +136,7 @@ class MobileNetV2(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.Linear):
+            elif isinstance(m, nn.Linear):  # torchvision's init
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
 

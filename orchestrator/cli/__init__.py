@@ -30,10 +30,14 @@ class OrchGroup(click.Group):
     """The root group: runs a command and turns the project's errors into click's."""
 
     def invoke(self, ctx):
+        from workers.defaults import BaselineError
+
         try:
             return super().invoke(ctx)
         except OrchError as e:
             raise as_click_error(e) from None
+        except BaselineError as e:  # a user's network that fails at a multiplier no check tried
+            raise click.BadParameter(str(e), param_hint="--baseline") from None
 
 
 @click.group(cls=OrchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -138,7 +138,8 @@ def _arms_table(rows: list[dict], title: str):
     for c in ("arm", "depth", "width", "res", "params (M)", "GMACs", "FLOPs ×base", "batch", "lr"):
         table.add_column(c, justify="left" if c == "arm" else "right")
     for r in rows:
-        table.add_row(r["name"].rsplit("-s", 1)[0], f"{r['depth_mult']:.3f}", f"{r['width_mult']:.3f}",
+        table.add_row(r["name"].rsplit("-s", 1)[0] + (" (width solved)" if r.get("width_solved") else ""),
+                      f"{r['depth_mult']:.3f}", f"{r['width_mult']:.3f}",
                       str(r["resolution"]), f"{r['params_m']:.2f}", f"{r['gmacs']:.4f}", f"{r['flops_ratio']:.3f}",
                       str(r["batch_size"]), f"{r['lr']:.4g}")
     return table
@@ -156,7 +157,8 @@ def report_table(report: list[dict], title: str):
         for arm, a in e["arms"].items():
             c = e["compound_minus"].get(arm)
             ci = f"[{c['ci95'][0] * 100:+.1f}, {c['ci95'][1] * 100:+.1f}]" if c and c["ci95"] else ""
-            table.add_row(f"{e['target']:g}x" if arm != "baseline" else "1x", arm, f"{a['flops_ratio']:.3f}",
+            table.add_row(f"{e['target']:g}x" if arm != "baseline" else "1x",
+                          arm + (" (width solved)" if a.get("width_solved") else ""), f"{a['flops_ratio']:.3f}",
                           f"{a['gmacs']:.4f}", str(a["n"]), f"{a['mean']:.4f} ± {a['std']:.4f}",
                           f"{c['mean'] * 100:+.1f} pts" if c else "", ci,
                           ("compound " + c["verdict"]) if c else "")
