@@ -222,7 +222,8 @@ def arms(coeffs: scaling.Coefficients, targets: list[float], *, network: str, ba
                     and scaling.network_key(spec(*compound_at(phi), 0.0)) not in taken:
                 near.setdefault(compound_at(phi), (phi, r))
         first_error = None if near else (
-            f"no compound member is within ±{COMPOUND_BAND:.0%} of it (its FLOPs jump from {ratio(*compound_at(lo)):.3f}x "
+            f"no compound member that grows all three dimensions (more blocks, channels and pixels than the "
+            f"baseline) is within ±{COMPOUND_BAND:.0%} of it (as scaled, its FLOPs go from {ratio(*compound_at(lo)):.3f}x "
             f"to {ratio(*compound_at(hi)):.3f}x at φ={hi:.3f})")
         candidates = [(phi, d, w, res, r, False) for (d, w, res), (phi, r) in
                       sorted(near.items(), key=lambda kv: abs(kv[1][1] / t - 1))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import uuid
 from pathlib import Path
 
 DEFAULT_HOME = "orch-runs"
@@ -35,7 +36,7 @@ def ensure_writable(home: Path, what: str = "state folder", fix: str = "set ORCH
     """Create the folder (the state folder by default); a clear error when it cannot be written."""
     try:
         home.mkdir(parents=True, exist_ok=True)
-        probe = home / ".orch-write-test"
+        probe = home / f".orch-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # one per process: drivers start at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -49,7 +49,7 @@ def _within(arms_, tolerance=ablate.FLOPS_TOLERANCE):
     ("efficientnet-b0", 56, [2, 4], scaling.Coefficients(1.55, 1.02, 1.11)),
     ("efficientnet-b0", 112, [2, 4, 8], PAPER),
     ("resnet-50", 160, [2], scaling.Coefficients(1.3, 1.1, 1.1)),
-    ("tests.usernets:tiny", 96, [3], PAPER),
+    ("tests.usernets:tiny", 64, [2.5], PAPER),
 ])
 def test_every_arm_matches_its_compound_member(network, base, targets, coeffs):
     arms_ = ablate.arms(coeffs, targets, network=network, base_resolution=base, num_classes=10)
@@ -113,14 +113,15 @@ def test_bad_targets(text, says):
 
 
 @pytest.mark.slow
-def test_ablation_end_to_end_killed_resumed_and_idempotent(tmp_path):
-    """A tiny search, then `orch ablate` SIGKILLed (by its own fault point) after its third run
+def test_ablation_end_to_end_killed_resumed_and_idempotent(ray_session, home, tmp_path):
+    """A tiny search, then `orch ablate` SIGKILLed (by its own fault point) after its second run
     ended; the same command again trains only what had not finished; a third time trains nothing."""
-    home = tmp_path / "home"
     env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true")
     env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "search"
-    search = finish(spawn(["search", "--gpus", "0", "--trials", "2", "--epochs", "1", "--json", *TINY], env, log), log)
+    res = CliRunner().invoke(main, ["search", "--gpus", "0", "--trials", "2", "--epochs", "1", "--json", *TINY],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    search = json.loads(res.stdout)
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
 
     # bad targets at this base (32 px: resolution alone jumps from 1x to 2.4x): one line, nothing recorded
@@ -133,12 +134,12 @@ def test_ablation_end_to_end_killed_resumed_and_idempotent(tmp_path):
     args = ["ablate", "--from-run", paper.trial_id, "--base-resolution", "36", "--targets", "2.56", "--seeds", "2",
             "--gpus", "0", "--json"]
     log = tmp_path / "ablate1"
-    p = spawn(args, dict(env, ORCH_KILL_AT="model-ended:3"), log)
+    p = spawn(args, dict(env, ORCH_KILL_AT="model-ended:2"), log)
     p.wait(timeout=600)
     assert p.returncode == -9, open(f"{log}.err").read()[-2000:]
     (abl,) = [s for s in store.list_scales() if s.kind == "ablation"]
     before = {r.model: r for r in store.scale_runs(abl.id) if r.status == "finished"}
-    assert len(before) >= 2  # two ended in full; the third's end was not yet in the store
+    assert len(before) >= 1  # one ended in full; the second's end was not yet in the store
 
     log = tmp_path / "ablate2"
     out = finish(spawn(args, env, log), log)
@@ -177,8 +178,10 @@ def test_ablation_end_to_end_killed_resumed_and_idempotent(tmp_path):
                                                                             for s in (0, 1)}
     assert parent.data.metrics["x2.56_compound_minus_depth"] == pytest.approx(e["compound_minus"]["depth"]["mean"])
 
-    log = tmp_path / "ablate3"  # the same command once more: nothing trains, the same report
-    again = finish(spawn(args, env, log), log)
+    # the same command once more: nothing trains (no cluster is even started), the same report
+    res = CliRunner().invoke(main, args, env={"ORCH_HOME": str(home)}, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.stdout)
     assert again["summary"]["trained_now"] == [] and again["report"] == out["report"]
     res = CliRunner().invoke(main, ["runs", "show", abl.id], env={"ORCH_HOME": str(home)})
     assert res.exit_code == 0 and "compound against single-dimension scaling" in res.output
