@@ -8,6 +8,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.faults import crash as sigkill
 from benchmarks.faults import spawn
 from orchestrator import ablate, baselines, scaling
 from orchestrator.cli import main
@@ -113,15 +114,16 @@ def test_bad_targets(text, says):
 
 
 @pytest.mark.slow
-def test_ablation_end_to_end_killed_resumed_and_idempotent(ray_session, home, tmp_path):
+def test_ablation_end_to_end_killed_resumed_and_idempotent(tmp_path):
     """A tiny search, then `orch ablate` SIGKILLed (by its own fault point) after its second run
-    ended; the same command again trains only what had not finished; a third time trains nothing."""
+    ended; the same command again trains only what had not finished; a third time trains nothing.
+    Subprocesses with their own Ray, as a user runs them (and no in-process Ray is left running
+    for the multi-node tests that come after this file)."""
+    home = tmp_path / "home"
     env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true")
     env.pop("RAY_ADDRESS", None)
-    res = CliRunner().invoke(main, ["search", "--gpus", "0", "--trials", "2", "--epochs", "1", "--json", *TINY],
-                             catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    search = json.loads(res.stdout)
+    log = tmp_path / "search"
+    search = finish(spawn(["search", "--gpus", "0", "--trials", "2", "--epochs", "1", "--json", *TINY], env, log), log)
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
 
     # bad targets at this base (32 px: resolution alone jumps from 1x to 2.4x): one line, nothing recorded
@@ -137,6 +139,7 @@ def test_ablation_end_to_end_killed_resumed_and_idempotent(ray_session, home, tm
     p = spawn(args, dict(env, ORCH_KILL_AT="model-ended:2"), log)
     p.wait(timeout=600)
     assert p.returncode == -9, open(f"{log}.err").read()[-2000:]
+    sigkill(p)  # and its process group: the Ray it started outlives a killed driver
     (abl,) = [s for s in store.list_scales() if s.kind == "ablation"]
     before = {r.model: r for r in store.scale_runs(abl.id) if r.status == "finished"}
     assert len(before) >= 1  # one ended in full; the second's end was not yet in the store

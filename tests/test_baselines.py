@@ -85,9 +85,17 @@ def test_official_mode_is_efficientnets_table(home):
 
 
 @pytest.mark.slow
-def test_a_users_network_end_to_end(ray_session, home):
-    """plan, a 2-trial search and a 1-model scale of tests.usernets:tiny, for real."""
+def test_a_users_network_end_to_end(home, tmp_path):
+    """plan, a 2-trial search and a 1-model scale of tests.usernets:tiny, for real (the search and
+    the scale as subprocesses with their own Ray, as a user runs them)."""
+    import os
+
+    from benchmarks.faults import spawn
     from orchestrator.store import ResultsStore
+    from tests.test_faults import finish
+
+    env = dict(os.environ, ORCH_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("RAY_ADDRESS", None)
 
     ref = "tests.usernets:tiny"
     res = CliRunner().invoke(main, ["plan", "--baseline", ref, "--phis", "1", "--base-resolution", "32",
@@ -97,10 +105,9 @@ def test_a_users_network_end_to_end(ray_session, home):
     assert [r["name"] for r in rows] == ["B0", "B1"] and rows[1]["flops_ratio"] > 1.0
     assert rows[0]["network_key"].startswith("tests.usernets.tiny_") and rows[0]["repeats"] == []
 
-    res = CliRunner().invoke(main, ["search", "--gpus", "0", "--trials", "2", "--epochs", "1", "--baseline", ref,
-                                    *TINY, "--json"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    search = json.loads(res.stdout)
+    log = tmp_path / "search"
+    search = finish(spawn(["search", "--gpus", "0", "--trials", "2", "--epochs", "1", "--baseline", ref, *TINY,
+                           "--json"], env, log), log)
     store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
     rec = store.get_search(search["search_id"])
     assert rec.config["network"] == ref
@@ -113,10 +120,9 @@ def test_a_users_network_end_to_end(ray_session, home):
         if not t.off_surface:
             assert abs(t.flops_ratio / 2 - 1) <= space.FLOPS_TOLERANCE, t.flops_ratio
 
-    res = CliRunner().invoke(main, ["scale", "--from-run", rec.id, "--phis", "1", "--no-baseline", "--gpus", "0",
-                                    "--json"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
+    log = tmp_path / "scale"
+    out = finish(spawn(["scale", "--from-run", rec.id, "--phis", "1", "--no-baseline", "--gpus", "0", "--json"],
+                       env, log), log)
     assert out["status"] == "finished" and [m["name"] for m in out["models"]] == ["B1"]
     sc = store.get_scale(out["scale_id"])
     assert sc.config["network"] == ref
