@@ -74,6 +74,14 @@ def dataset_identity(spec: str, seed: int | None, synthetic_size) -> tuple[list[
     return classes, "sha256:" + files_digest(splits["train"] + splits["val"], path)
 
 
+def _rebuild_spec(sc, row) -> dict:
+    """A user's network keeps no spec on the module: its multipliers, as stored, rebuild it."""
+    from orchestrator.baselines import spec
+
+    return spec(sc.config.get("network", "efficientnet-b0"), row.depth_mult, row.width_mult, row.resolution,
+                num_classes=sc.config["num_classes"], dropout=0.0)
+
+
 def card(sc, row) -> dict:
     c = sc.config
     classes, digest = dataset_identity(c.get("dataset", "synthetic"), c.get("seed"), c.get("synthetic_size"))
@@ -138,11 +146,6 @@ def export(store, tracker, ident: str, model: str | None, fmt: str, out: Path) -
                           param="--out") from None
     net = tracker.load_torch_model(row.model_uri).eval()
     example = torch.zeros(2, 3, row.resolution, row.resolution)
-    from orchestrator.baselines import spec as rebuild
-
-    def rebuild_spec(sc, row) -> dict:  # a user's network keeps no spec: its multipliers rebuild it
-        return rebuild(sc.config.get("network", "efficientnet-b0"), row.depth_mult, row.width_mult, row.resolution,
-                       num_classes=sc.config["num_classes"], dropout=0.0)
     tags = tracker.model_tags(row.model_uri)
     k = card(sc, row) | {"format": fmt, "file": str(out), "weights": tags.get("orch.weights", "raw")}
     if tags.get("orch.val_top1") not in (None, "", "None"):  # the accuracy of the weights exported
@@ -156,7 +159,7 @@ def export(store, tracker, ident: str, model: str | None, fmt: str, out: Path) -
             from safetensors.torch import save_file
 
             save_file({n: t.detach().contiguous() for n, t in net.state_dict().items()}, str(tmp))
-            k["spec"] = getattr(net, "spec", None) or rebuild_spec(sc, row)  # what builds the network they fit
+            k["spec"] = getattr(net, "spec", None) or _rebuild_spec(sc, row)  # what builds the network they fit
         elif fmt == "onnx":
             try:
                 import onnx  # noqa: F401
