@@ -1,6 +1,8 @@
-"""The data path, measured: `orch data prepare` (issue #15, item 1), images/s per CPU core; and
-the node-local tiers trials read (item 2): gathering batches from a mapped tier, and the memory
-four processes mapping one tier hold between them (from /proc/<pid>/smaps).
+"""The data path, measured: `orch data prepare` (issue #15, item 1), images/s per CPU core; the
+scaled jobs' stream (item 3): the CPU loader's random-resized crops at 224 px per loader process,
+against bare Pillow decoding of the same files; and the node-local tiers trials read (item 2):
+gathering batches from a mapped tier, and the memory four processes mapping one tier hold
+between them (from /proc/<pid>/smaps).
 
     python benchmarks/data_path.py            # 2,000 images of each kind, every CPU; a 128-px tier
     python benchmarks/data_path.py --quick    # 40 of each, 1 process; a 64-px tier (what CI runs)
@@ -123,6 +125,36 @@ def tiers_figures(n: int, res: int, cache: Path) -> list[str]:
             f"this process maps it too, so five share the pages)"]
 
 
+def stream_figures(prepared: Path, res: int, workers: int, batch: int = 64) -> list[str]:
+    """The scaled jobs' CPU loader (workers/stream.py) on the prepared shards at ``res`` with
+    random-resized crops, in ``workers`` loader processes, against bare Pillow decoding (a full
+    decode to RGB, no resize) of the same JPEG bytes on one core."""
+    from PIL import Image
+
+    from workers.stream import Stream
+
+    s = Stream(prepared, res, batch=batch, seed=0, workers=workers)
+    batch = s.batch = min(batch, len(s.shards))  # --quick has 32 training images
+    s.steps_per_epoch = len(s.shards) // batch
+    for _ in s.epoch(0):  # start the processes; the page cache warm
+        pass
+    t0 = time.perf_counter()
+    images = 0
+    for epoch in (1, 2):
+        for x, _ in s.epoch(epoch):
+            images += len(x)
+    loader = images / (time.perf_counter() - t0)
+    s.close()
+    t0 = time.perf_counter()
+    for i in range(len(s.shards)):
+        Image.open(io.BytesIO(s.shards.encoded(i))).convert("RGB")
+    bare = len(s.shards) / (time.perf_counter() - t0)
+    return [f"CPU loader, {res} px random-resized crops + flip, {workers} loader processes, batches of {batch}: "
+            f"{loader:,.0f} images/s = {loader / workers:,.0f} per loader process (target >= 250 per core); "
+            f"bare Pillow full decode of the same JPEGs: {bare:,.0f} images/s on 1 core "
+            f"(loader per process / bare = {loader / workers / bare:.2f})"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="40 images of each kind, 1 process (CI)")
@@ -152,9 +184,14 @@ def main() -> None:
                          f"({procs} processes, {n} images, {wall:.1f} s, pool start included); "
                          f"{m['reencoded']} re-encoded; prepared {size / 2**20:.1f} MiB = "
                          f"{size / source_bytes:.2f} x the source")
+            if kind == "baseline JPEG":
+                stream_lines = stream_figures(dest, 224, procs)
         tier_lines = tiers_figures(2000 if args.quick else 10000, 64 if args.quick else 128, Path(tmp) / "tiers")
     print(f"data prepare ({os.cpu_count()} CPUs here):")
     for line in lines:
+        print("  " + line)
+    print("scaled jobs' stream:")
+    for line in stream_lines:
         print("  " + line)
     print("tiers:")
     for line in tier_lines:

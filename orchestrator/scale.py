@@ -461,8 +461,11 @@ class ScaleRun:
 
     def _train_cfg(self, m: ModelState) -> dict:
         o = self.opts
+        # A prepared dataset is streamed (fresh random-resized crops each epoch, workers/stream.py);
+        # the synthetic task has no encoded shards and reads its tier like a trial.
         return defaults.Training(o.dataset, o.epochs, m.row["batch_size"], m.row["lr"], m.row.get("seed", o.seed), o.seed,
-                                 o.synthetic_size, o.compile).config() | {"spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY}
+                                 o.synthetic_size, o.compile).config() | {
+            "spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY, "stream": o.dataset.startswith("prepared:")}
 
     def _start(self, m: ModelState) -> None:
         r = m.row

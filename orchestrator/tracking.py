@@ -24,7 +24,7 @@ from orchestrator.status import MLFLOW_STATUS
 CONNECT_TIMEOUT_S = 10.0
 #: The per-epoch metrics of every trial's and model's run (the store keeps them in each row's history).
 EPOCH_METRICS = ("val_top1", "val_loss", "train_loss", "epoch_s", "images_per_s", "peak_mem_mb", "compile_s", "compiled",
-                 "ema_val_top1", "ema_val_loss")
+                 "ema_val_top1", "ema_val_loss", "data_wait_s", "gpu_decoded")
 
 
 class TrackingError(OrchError):

@@ -280,12 +280,15 @@ def test_search_and_scale_train_on_prepared_datasets(ray_session, home, tmp_path
         trials = store.trials(out["search_id"])
         assert len(trials) == 2 and all(t.val_top1 is not None for t in trials), source
         assert store.get_search(out["search_id"]).config["num_classes"] == 2
-    res = CliRunner().invoke(main, ["scale", "--json", "--gpus", "0", "--from-run", out["search_id"], "--phis", "1", "--no-baseline",
-                                    "--epochs", "1"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    scaled = json.loads(res.stdout)
-    assert scaled["status"] == "finished" and [m["name"] for m in scaled["models"]] == ["B1"]
-    assert store.get_scale(scaled["scale_id"]).config["dataset"] == f"prepared:{tmp_path / 'pq-prep'}"
+        # the scaled job streams the shards (fresh random-resized crops, workers/stream.py), not a tier
+        res = CliRunner().invoke(main, ["scale", "--json", "--gpus", "0", "--from-run", out["search_id"], "--phis", "1",
+                                        "--no-baseline", "--epochs", "1"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        scaled = json.loads(res.stdout)
+        assert scaled["status"] == "finished" and [m["name"] for m in scaled["models"]] == ["B1"]
+        assert store.get_scale(scaled["scale_id"]).config["dataset"] == f"prepared:{dest}"
+        (run,) = store.scale_runs(scaled["scale_id"])
+        assert run.history[-1]["data_wait_s"] >= 0 and run.history[-1]["gpu_decoded"] == 0.0, run.history
 
     # a folder whose preparation did not finish is refused while options are read, with the fix
     (tmp_path / "half").mkdir()

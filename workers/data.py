@@ -100,16 +100,18 @@ def load_imagefolder(root: str, resolution: int) -> Dataset:
     return Dataset(f"imagefolder:{root}", len(classes), out["train"], out["val"])
 
 
-def load_prepared(root: str, resolution: int) -> Dataset:
+def load_prepared(root: str, resolution: int, *, splits: tuple[str, ...] = ("train", "val")) -> Dataset:
     """A dataset ``orch data prepare`` made, at ``resolution``, as node-local tiers (keyed by
-    its manifest, which names every shard's checksum)."""
+    its manifest, which names every shard's checksum). A split not in ``splits`` is left empty
+    (a scaled job streams its training split: ``workers/stream.py``)."""
     from workers.prepared import PreparedError, iter_split, manifest_digest, read_manifest
 
     try:
         manifest = read_manifest(root)
         digest = manifest_digest(root)
-        out = {}
-        for split in ("train", "val"):
+        empty = Split(torch.empty((0, 3, resolution, resolution), dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+        out = {split: empty for split in ("train", "val") if split not in splits}
+        for split in splits:
             key = f"prepared-v1|{digest}|{split}|{resolution}"
             out[split] = _tier_split(key, manifest["splits"][split]["count"], resolution,
                                      lambda im, lab, split=split: _decode_into(iter_split(root, split, manifest),

@@ -7,8 +7,9 @@ that ``save_checkpoint`` writes. A run started with ``state=`` a loaded checkpoi
 from the epoch after it. Torch and numpy only: the orchestrator wraps this for Ray Tune and Ray Train.
 
 Data parallel: when ``torch.distributed`` is initialised (Ray Train's TorchTrainer does that,
-gloo on CPU, NCCL on GPU) every rank holds the whole (small) dataset, draws the same global
-permutation and takes its own slice of each global batch; the model is wrapped in DDP, so
+gloo on CPU, NCCL on GPU) every rank maps the dataset's tier (or, with ``stream``, reads the
+prepared shards: ``workers/stream.py``), draws the same global permutation and takes its own
+slice of each global batch; the model is wrapped in DDP, so
 ``batch_size`` is per rank and the global batch is ``batch_size * world``. Validation is sharded
 and summed across ranks. Each report carries this rank's ``rank``, ``world_size``, ``pid`` and
 ``samples`` (images it trained on in the epoch), so a caller can check that every rank took part.
@@ -48,6 +49,12 @@ DEFAULTS = {
     # TensorFlow's num_updates rule the paper's recipe uses: ~12 recent steps after 100 updates,
     # so short runs average their last steps, and long ones approach ema_decay.
     "ema_decay": None,
+    # Scaled jobs: stream the training split of a prepared dataset (workers/stream.py: a fresh
+    # random-resized crop every epoch, decoded in `loader_workers` processes, None: auto, or on
+    # the GPU; `decoder` 'auto', 'cpu' or 'gpu') instead of reading its pre-resized tier.
+    "stream": False,
+    "loader_workers": None,
+    "decoder": "auto",
 }
 
 
@@ -240,7 +247,13 @@ def run(
         torch.backends.cudnn.allow_tf32 = True
 
     size = tuple(cfg["synthetic_size"]) if cfg["synthetic_size"] else None
-    ds = data_mod.load(cfg["dataset"], spec["resolution"], seed=cfg["data_seed"], synthetic_size=size)
+    if cfg["stream"]:
+        kind, root = data_mod.parse_spec(cfg["dataset"])
+        if kind != "prepared":
+            raise ValueError(f"stream reads a prepared dataset, not {cfg['dataset']!r}")
+        ds = data_mod.load_prepared(root, spec["resolution"], splits=("val",))
+    else:
+        ds = data_mod.load(cfg["dataset"], spec["resolution"], seed=cfg["data_seed"], synthetic_size=size)
     if ds.num_classes != spec["num_classes"]:
         raise ValueError(f"dataset has {ds.num_classes} classes but the network spec has {spec['num_classes']}")
 
@@ -276,11 +289,22 @@ def run(
     def amp():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    train = _placed(ds.train, device)
-    train_x, train_y = train.images, train.labels
+    stream = None
+    if cfg["stream"]:
+        from workers.prepared import read_manifest
+        from workers.stream import Stream
+
+        manifest = read_manifest(root)
+        n = manifest["splits"]["train"]["count"]
+        bs = min(cfg["batch_size"], n // world)  # per rank
+        stream = Stream(root, spec["resolution"], batch=bs, rank=rank, world=world, seed=cfg["seed"], flip=ds.flip,
+                        device=device, workers=cfg["loader_workers"], decoder=cfg["decoder"], manifest=manifest)
+    else:
+        train = _placed(ds.train, device)
+        train_x, train_y = train.images, train.labels
+        n = len(ds.train)
+        bs = min(cfg["batch_size"], n // world)  # per rank
     val = _placed(ds.val, device)
-    n = len(ds.train)
-    bs = min(cfg["batch_size"], n // world)  # per rank
     gbs = bs * world  # global batch
     steps_per_epoch = n // gbs  # drop the ragged last batch: fixed shapes suit compile and BN
     total = steps_per_epoch * cfg["epochs"]
@@ -299,7 +323,10 @@ def run(
             if aug is not gen:
                 aug.manual_seed((cfg["seed"] * 1000 + epoch) * 1009 + rank)
             model.train()
-            perm = torch.randperm(n, device=device, generator=gen)
+            if stream is None:
+                perm = torch.randperm(n, device=device, generator=gen)
+            else:
+                batches, waited = stream.epoch(epoch), stream.waited
             loss_sum = torch.zeros((), device=device)
             if cuda:
                 torch.cuda.synchronize()
@@ -308,11 +335,15 @@ def run(
                 step = epoch * steps_per_epoch + s
                 for group in opt.param_groups:
                     group["lr"] = cfg["lr"] * _lr_factor(step, total, warmup)
-                idx = perm[s * gbs + rank * bs:s * gbs + (rank + 1) * bs]
                 with record_function("orch.data"):
-                    x = data_mod.gpu_augment(_normalize(_gather(train_x, idx, device)), pad=pad, flip=ds.flip,
-                                             generator=aug)
-                    y = train_y[idx]
+                    if stream is not None:  # cropped and flipped as they were decoded
+                        x, y = next(batches)
+                        x = _normalize(x)
+                    else:
+                        idx = perm[s * gbs + rank * bs:s * gbs + (rank + 1) * bs]
+                        x = data_mod.gpu_augment(_normalize(_gather(train_x, idx, device)), pad=pad, flip=ds.flip,
+                                                 generator=aug)
+                        y = train_y[idx]
 
                 def forward_backward():
                     with record_function("orch.forward_backward"):
@@ -359,6 +390,9 @@ def run(
             }
             if averaged is not None:
                 metrics["ema_val_top1"], metrics["ema_val_loss"] = averaged
+            if stream is not None:  # seconds the loop waited for decoded batches, and where they were decoded
+                metrics["data_wait_s"] = stream.waited - waited
+                metrics["gpu_decoded"] = float(stream.decoder == "gpu")
             if device.type == "cuda":  # the device reports it; CPU memory is the process's, not the model's
                 metrics["peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             if world > 1:
@@ -369,13 +403,15 @@ def run(
                 "optimizer": opt.state_dict(),
                 "epoch": epoch + 1,
                 "config": cfg,
-                "history": history,
+                "history": list(history),  # a copy: the checkpoint must not grow with later epochs
                 "ema": ema.state_dict() if ema is not None else None,
             }
             comp.epoch_done()
             report(metrics, ckpt)
     finally:
         comp.close()  # its compile callbacks, also when the run fails (reused Ray actors)
+        if stream is not None:
+            stream.close()  # its loader processes
     return history
 
 
