@@ -186,7 +186,8 @@ class ScaleOptions:
         workers = given.get("gpus_per_job") or given.get("workers_per_job")
         if workers is None:
             workers = int(prev.get("workers", 1)) if source.scale else 1
-        from workers.datasets import DatasetError, num_classes_of
+        from orchestrator.datasource import num_classes as num_classes_of
+        from workers.datasets import DatasetError
 
         try:
             num_classes = num_classes_of(dataset)

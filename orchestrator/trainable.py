@@ -14,7 +14,7 @@ import time
 import ray
 from ray import tune
 
-from orchestrator import space
+from orchestrator import datasource, space
 
 #: Poll interval of a trial waiting for the earlier trial of the same network.
 REUSE_POLL_S = 0.5
@@ -130,7 +130,8 @@ def trial_fn(config: dict, settings: dict) -> None:
     if config.get("seed") is not None:  # a confirmation run: fresh initialisation and batch order, same data
         cfg["seed"] = int(config["seed"])
     try:
-        train.run(cfg, report, state=state)
+        with datasource.in_use(cfg["dataset"]) as dataset:  # a URL's or network mount's node-local copy
+            train.run(dict(cfg, dataset=dataset), report, state=state)
         if earlier:  # the checkpoint was already at the last epoch: nothing was reported
             tune.report({**state["history"][-1], **extra, **earlier})
     except train.TrialDiverged as e:
@@ -216,7 +217,8 @@ def train_loop_per_worker(config: dict) -> None:
         # already at the last epoch then still reports it.
         for metrics in state.get("history", []):
             ray.train.report(dict(metrics), checkpoint=None)
-    train.run(config["train"], report, state=state, device=ray.train.torch.get_device())
+    with datasource.in_use(config["train"]["dataset"]) as dataset:  # a URL's or network mount's node-local copy
+        train.run(dict(config["train"], dataset=dataset), report, state=state, device=ray.train.torch.get_device())
 
 
 @ray.remote(num_cpus=0, max_retries=0)

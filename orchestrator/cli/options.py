@@ -86,7 +86,8 @@ def check_dataset(ctx, param, value):
     """A dataset spec that exists and can be read (an image folder is scanned, not loaded)."""
     if value is None:
         return None
-    from workers.datasets import DatasetError, check
+    from orchestrator.datasource import check
+    from workers.datasets import DatasetError
 
     try:
         check(value)
@@ -112,9 +113,9 @@ def check_model_name(ctx, param, value):
 
 
 def num_classes_of(dataset: str) -> int:
-    from workers.datasets import num_classes_of as count
+    from orchestrator.datasource import num_classes
 
-    return count(dataset)
+    return num_classes(dataset)
 
 
 class CheckedCommand(click.Command):

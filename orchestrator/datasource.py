@@ -1,0 +1,264 @@
+"""Where a prepared dataset lives, and its copy on each node.
+
+``--dataset prepared:LOCATION`` takes a local folder, a folder on a shared mount, or a URL
+(``s3://bucket/prefix``; any scheme fsspec has a filesystem for, with its package installed:
+``pip install 'orch[s3]'`` for S3). A local folder is read in place. A URL, or a folder on a
+network filesystem (NFS, SMB, Lustre, a FUSE mount…), is copied to the node's local disk once, by
+the first trial or job that needs it there, under a lock: each shard is downloaded to a temporary
+file, checked against the manifest's SHA-256 and renamed into place, and the manifest is written
+last (a copy with a manifest is whole; a killed copy is finished by the next one). Copies live in
+``ORCH_SHARD_CACHE`` (default ``~/.cache/orch/shards``), one folder per manifest digest, and the
+folder is kept under ``ORCH_SHARD_CACHE_GB`` (default ``CACHE_GB``): copies not in use are
+deleted, least recently used first, to make room. A trial or job holds a shared lock on its copy
+while it runs, so no copy in use is deleted.
+
+S3 settings come from the usual AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_ENDPOINT_URL`` for an S3-compatible server such as MinIO), on the driver and every node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from workers import prepared as fmt
+from workers.datasets import DatasetError, parse_spec
+from workers.defaults import cache_folder
+
+#: Default size cap of a node's shard cache (ImageNet prepared: about 150 GB).
+CACHE_GB = 256.0
+#: Filesystem types read over the network: a dataset there is copied to local disk.
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "9p", "beegfs",
+              "afs", "davfs", "virtiofs"}
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def _fs(url: str):
+    """(fsspec filesystem, path) of ``url``; a one-line error when its package is missing."""
+    try:
+        import fsspec
+    except ImportError:
+        raise DatasetError(f"{url}: reading a URL needs fsspec; pip install 'orch[s3]'") from None
+    opts = {}
+    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        opts["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    try:
+        return fsspec.core.url_to_fs(url, **opts)
+    except (ImportError, ValueError) as e:
+        raise DatasetError(f"{url}: {str(e).splitlines()[0]} (for s3:// pip install 'orch[s3]')") from None
+
+
+def _mount_type(path: Path) -> str:
+    """The filesystem type of the mount ``path`` is on ('' when unknown)."""
+    try:
+        path = path.resolve()
+        best, kind = "", ""
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3:
+                point = parts[1].replace("\\040", " ")
+                if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, kind = point, parts[2]
+        return kind
+    except OSError:
+        return ""
+
+
+def needs_copy(location: str) -> bool:
+    """A URL, or a folder on a network filesystem: read from a node-local copy."""
+    if is_url(location):
+        return True
+    kind = _mount_type(Path(location).expanduser())
+    return kind in NETWORK_FS or kind.startswith("fuse.")
+
+
+def manifest_bytes(location: str) -> bytes:
+    """The manifest of the prepared dataset at ``location`` (local or URL), as stored."""
+    if not is_url(location):
+        fmt.read_manifest(location)  # its own one-line errors
+        return (Path(location) / fmt.MANIFEST).read_bytes()
+    fs, path = _fs(location)
+    try:
+        return fs.cat_file(f"{path.rstrip('/')}/{fmt.MANIFEST}")
+    except FileNotFoundError:
+        raise DatasetError(f"{location} has no {fmt.MANIFEST}: not a prepared dataset, or its upload did not finish; "
+                           f"upload the whole folder `orch data prepare` wrote") from None
+    except Exception as e:  # credentials, endpoint, network: botocore's and aiohttp's own errors
+        raise DatasetError(f"cannot read {location}/{fmt.MANIFEST}: {str(e).splitlines()[0] or type(e).__name__}; "
+                           f"check the URL and the AWS_* settings (AWS_ENDPOINT_URL for a non-AWS server)") from None
+
+
+def read_manifest(location: str) -> dict:
+    """The manifest at ``location`` (local or URL), checked like a local one."""
+    raw = manifest_bytes(location)
+    if not is_url(location):
+        return fmt.read_manifest(location)
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        raise DatasetError(f"{location}/{fmt.MANIFEST} is not JSON; upload the folder again") from None
+    if manifest.get("format") != fmt.FORMAT or manifest.get("version") != fmt.VERSION:
+        raise DatasetError(f"{location}/{fmt.MANIFEST} is not an orch prepared dataset of version {fmt.VERSION}; "
+                           f"prepare and upload it again")
+    return manifest
+
+
+def check(spec: str) -> None:
+    """``spec`` names a dataset that can be read (a URL's manifest is fetched); DatasetError."""
+    kind, location = parse_spec(spec)
+    if kind == "prepared" and is_url(location):
+        read_manifest(location)
+        return
+    from workers.datasets import check as check_local
+
+    try:
+        check_local(spec)
+    except fmt.PreparedError as e:
+        raise DatasetError(str(e)) from None
+
+
+def num_classes(spec: str) -> int:
+    kind, location = parse_spec(spec)
+    if kind == "prepared" and is_url(location):
+        return len(read_manifest(location)["classes"])
+    from workers.datasets import num_classes_of
+
+    return num_classes_of(spec)
+
+
+def cache_dir() -> Path:
+    return cache_folder("ORCH_SHARD_CACHE", "shards")
+
+
+def cap_bytes() -> int:
+    raw = os.environ.get("ORCH_SHARD_CACHE_GB")
+    try:
+        gb = float(raw) if raw else CACHE_GB
+    except ValueError:
+        raise DatasetError(f"ORCH_SHARD_CACHE_GB={raw!r} is not a number of GB") from None
+    return int(gb * 1e9)
+
+
+def _files(manifest: dict) -> list[tuple[str, str]]:
+    """(file name, SHA-256) of every file of the dataset but the manifest."""
+    out = []
+    for split in fmt.SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            out += [(shard["data"], shard["sha256"]), (shard["index"], shard["index_sha256"])]
+    return out
+
+
+def _size(manifest: dict) -> int:
+    # the shards' bytes; an index is 56 bytes per image plus its header
+    return sum(s["bytes"] + 56 * s["count"] + 128 for sp in manifest["splits"].values() for s in sp["shards"])
+
+
+def _used_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _make_room(cache: Path, keep: Path, need: int, cap: int) -> None:
+    """Delete whole copies other than ``keep``, least recently used first, that no one is using,
+    until ``need`` more bytes fit under ``cap``; DatasetError when they cannot."""
+    if need > cap:
+        raise DatasetError(f"the dataset ({need / 1e9:.1f} GB) is larger than this node's shard cache cap "
+                           f"({cap / 1e9:.1f} GB); raise ORCH_SHARD_CACHE_GB or point ORCH_SHARD_CACHE at a bigger disk")
+    others = sorted((p for p in cache.iterdir() if p.is_dir() and p != keep),
+                    key=lambda p: (p / ".used").stat().st_mtime if (p / ".used").exists() else 0.0)
+    used = _used_bytes(cache)
+    for other in others:
+        if used + need <= cap:
+            return
+        with open(other.with_suffix(".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use by a trial or job on this node
+            size = _used_bytes(other)
+            shutil.rmtree(other, ignore_errors=True)
+            used -= size
+    if used + need > cap:
+        raise DatasetError(f"this node's shard cache {cache} has no room for {need / 1e9:.1f} GB under its cap "
+                           f"({cap / 1e9:.1f} GB; the rest is in use); raise ORCH_SHARD_CACHE_GB")
+
+
+def local_copy(location: str, *, log=print) -> Path:
+    """The node-local copy of the prepared dataset at ``location`` (made now if this node has
+    none), checked against the manifest's checksums."""
+    raw = manifest_bytes(location)
+    manifest = json.loads(raw)
+    name = hashlib.sha256(raw).hexdigest()[:32]
+    cache = cache_dir()
+    dest = cache / name
+    if (dest / fmt.MANIFEST).exists():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(dest.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / fmt.MANIFEST).exists():  # another process copied it while this one waited
+            return dest
+        dest.mkdir(exist_ok=True)
+        (dest / ".used").touch()
+        files = _files(manifest)
+        missing = [(f, sha) for f, sha in files if not (dest / f).exists()]
+        _make_room(cache, dest, _size(manifest) - sum((dest / f).stat().st_size for f, _ in files if (dest / f).exists()),
+                   cap_bytes())
+        if missing:
+            log(f"orch: copying {len(missing)} files of {location} to {dest} ({_size(manifest) / 1e6:,.0f} MB)")
+        t0 = time.perf_counter()
+        fs, root = _fs(location) if is_url(location) else (None, str(Path(location).expanduser()))
+        for k, (f, sha) in enumerate(missing):
+            tmp = dest / f"{f}.tmp-{os.getpid()}"
+            src = f"{root.rstrip('/')}/{f}"
+            try:
+                if fs is not None:
+                    fs.get_file(src, str(tmp))
+                else:
+                    shutil.copyfile(src, tmp)
+            except FileNotFoundError:
+                tmp.unlink(missing_ok=True)
+                raise DatasetError(f"{src} is missing: the dataset at {location} is incomplete; upload the whole "
+                                   f"folder `orch data prepare` wrote") from None
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise DatasetError(f"copying {src} to {dest} failed ({e.strerror or e}); free space there or point "
+                                   f"ORCH_SHARD_CACHE at a local disk with room") from None
+            if fmt.sha256_of(tmp) != sha:
+                tmp.unlink()
+                raise DatasetError(f"{src} does not match its checksum in the manifest (damaged or changed since it "
+                                   f"was prepared); prepare and upload the dataset again")
+            os.replace(tmp, dest / f)
+            if len(missing) > 10 and (k + 1) % max(1, len(missing) // 10) == 0:
+                log(f"orch: {k + 1}/{len(missing)} files copied ({time.perf_counter() - t0:.0f} s)")
+        tmp = dest / f"{fmt.MANIFEST}.tmp"
+        tmp.write_bytes(raw)
+        os.replace(tmp, dest / fmt.MANIFEST)  # last: its presence means the copy is whole
+    return dest
+
+
+@contextlib.contextmanager
+def in_use(spec: str, *, log=print):
+    """``spec`` as this node reads it: a prepared dataset that ``needs_copy`` becomes its
+    node-local copy, held (a shared lock) until the block ends; anything else is unchanged."""
+    kind, location = parse_spec(spec)
+    if kind != "prepared" or not needs_copy(location):
+        yield spec
+        return
+    dest = local_copy(location, log=log)
+    with open(dest.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if not (dest / fmt.MANIFEST).exists():  # deleted to make room between the copy and the lock
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            dest = local_copy(location, log=log)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        os.utime(dest / ".used")
+        yield f"prepared:{dest}"
