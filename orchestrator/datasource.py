@@ -1,4 +1,11 @@
-"""Where a prepared dataset lives, and its copy on each node.
+"""Where a dataset lives, what trials and jobs read of it, and its copy on each node.
+
+``--dataset imagefolder:PATH`` is prepared implicitly (``for_workers``): on the driver, before
+anything trains, into ``ORCH_PREPARED_CACHE`` (default ``~/.cache/orch/prepared``, one folder per
+source folder), with ``orch data prepare``'s rules; a folder prepared before and unchanged since
+(every file's path, size and modification time) is not prepared again, a changed one is noticed
+and prepared again. Trials and jobs then read ``prepared:<that folder>``; the search and scale
+records keep the folder the user named.
 
 ``--dataset prepared:LOCATION`` takes a local folder, a folder on a shared mount, or a URL
 (``s3://bucket/prefix``; any scheme fsspec has a filesystem for, with its package installed:
@@ -112,11 +119,25 @@ def read_manifest(location: str) -> dict:
     return manifest
 
 
+def _image_folder(location: str):
+    """prepare's view of an image folder (the one implicit preparation uses); DatasetError."""
+    from orchestrator.prepare import PrepareError, open_source
+
+    try:
+        return open_source(f"imagefolder:{location}")
+    except PrepareError as e:
+        raise DatasetError(str(e)) from None
+
+
 def check(spec: str) -> None:
-    """``spec`` names a dataset that can be read (a URL's manifest is fetched); DatasetError."""
+    """``spec`` names a dataset that can be read (a URL's manifest is fetched, an image folder
+    scanned as preparing it will); DatasetError."""
     kind, location = parse_spec(spec)
     if kind == "prepared" and is_url(location):
         read_manifest(location)
+        return
+    if kind == "imagefolder":
+        _image_folder(location)
         return
     from workers.datasets import check as check_local
 
@@ -130,9 +151,42 @@ def num_classes(spec: str) -> int:
     kind, location = parse_spec(spec)
     if kind == "prepared" and is_url(location):
         return len(read_manifest(location)["classes"])
+    if kind == "imagefolder":  # the classes its preparation keeps (empty class folders are dropped)
+        return len(_image_folder(location).classes)
     from workers.datasets import num_classes_of
 
     return num_classes_of(spec)
+
+
+def prepared_cache() -> Path:
+    return cache_folder("ORCH_PREPARED_CACHE", "prepared")
+
+
+_FOR_WORKERS: dict[tuple[str, str], str] = {}
+
+
+def for_workers(spec: str, *, prepare=None) -> str:
+    """The dataset spec trials and jobs read for ``spec``: an image folder's implicit preparation
+    (made now when it has none, or the folder changed since; ``prepare(source, dest)`` does it,
+    default ``orchestrator.prepare.prepare``: the CLI passes one with a progress bar), anything
+    else as given. Once per process and folder content."""
+    kind, location = parse_spec(spec)
+    if kind != "imagefolder":
+        return spec
+    source = _image_folder(location)
+    key = (spec, source.fingerprint)
+    if key not in _FOR_WORKERS:
+        from orchestrator import prepare as prep
+
+        dest = prepared_cache() / hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:32]
+        try:
+            (prepare or prep.prepare)(source, dest)
+        except prep.PrepareError as e:
+            raise prep.PrepareError(f"{str(e).replace(' or pass --skip-bad', '')}; or prepare it yourself, "
+                                    f"skipping what cannot be read: orch data prepare {spec} DEST --skip-bad, then "
+                                    f"--dataset prepared:DEST", usage=False) from None
+        _FOR_WORKERS[key] = f"prepared:{dest}"
+    return _FOR_WORKERS[key]
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import faultpoint, scaling
+from orchestrator import datasource, faultpoint, scaling
 from orchestrator.ctrlc import CtrlC
 from orchestrator.errors import InputError, OrchError
 from orchestrator.recorder import Recorder, Unit, now
@@ -466,7 +466,8 @@ class ScaleRun:
         # the synthetic task has no encoded shards and reads its tier like a trial.
         return defaults.Training(o.dataset, o.epochs, m.row["batch_size"], m.row["lr"], m.row.get("seed", o.seed), o.seed,
                                  o.synthetic_size, o.compile).config() | {
-            "spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY, "stream": o.dataset.startswith("prepared:")}
+            "spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY, "dataset": datasource.for_workers(o.dataset),
+            "stream": o.dataset.startswith(("prepared:", "imagefolder:"))}  # an image folder is prepared first
 
     def _start(self, m: ModelState) -> None:
         r = m.row

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from orchestrator import baselines, faultpoint, raytune, scaling, space
+from orchestrator import baselines, datasource, faultpoint, raytune, scaling, space
 from orchestrator.errors import InputError, SearchFailed
 from orchestrator.raytune import state as tunestate
 from orchestrator.recorder import now
@@ -212,7 +212,7 @@ def run_search(opts: SearchOptions, *, store, tracker, cluster, storage_path: st
     settings = {
         "search_id": search_id, "base_resolution": opts.base_resolution, "num_classes": opts.num_classes,
         "network": opts.network, "dedupe": not opts.work_s, "work_s": opts.work_s,
-        "train": opts.training.config(),
+        "train": opts.training.config() | {"dataset": datasource.for_workers(opts.dataset)},  # an image folder: prepared
     }
 
     param_space, search_alg, num_samples, grid_counts = _proposals(opts, search_id, grid, concurrency)

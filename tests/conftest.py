@@ -41,6 +41,8 @@ def data_cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiers")
     os.environ["ORCH_DATA_CACHE"] = str(d)
     os.environ["ORCH_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compiled"))  # likewise compiled graphs
+    os.environ["ORCH_PREPARED_CACHE"] = str(tmp_path_factory.mktemp("prepared"))  # image folders' preparations
+    os.environ["ORCH_SHARD_CACHE"] = str(tmp_path_factory.mktemp("shards"))  # nodes' copies of remote datasets
     yield d
 
 

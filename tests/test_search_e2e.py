@@ -1,6 +1,7 @@
 """`orch search` end to end on real Ray (local), real Optuna, real MLflow and SQLite stores."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from orchestrator import space
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore
 from tests.conftest import TINY
+from workers import prepared as fmt
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +161,28 @@ def test_imagefolder_end_to_end(ray_session, home, tmp_path):
     assert len(trials) == 2 and all(t.epochs_done >= 1 for t in trials)
     assert all(t.val_top1 is not None for t in trials)
     assert store.get_search(out["search_id"]).config["num_classes"] == 2
+    # the folder was prepared for training, implicitly, once; the search keeps the folder's name
+    assert "preparing it for training" in res.stderr
+    assert store.get_search(out["search_id"]).config["dataset"] == f"imagefolder:{root}"
+    from orchestrator import datasource
+
+    spec = datasource.for_workers(f"imagefolder:{root}")
+    prepared = Path(spec.removeprefix("prepared:"))
+    assert prepared.parent == datasource.prepared_cache() and (prepared / "manifest.json").is_file()
+    before = (prepared / "manifest.json").stat().st_mtime_ns
+    notes = []
+
+    def prepare(source, dest):
+        from orchestrator.prepare import prepare as real
+
+        return real(source, dest, workers=1, on_note=notes.append)
+
+    assert datasource.for_workers(f"imagefolder:{root}", prepare=prepare) == spec and not notes  # unchanged: as it was
+    extra = root / "train" / sorted(p.name for p in (root / "train").iterdir())[0] / "added.png"
+    shutil.copy(next((root / "train").rglob("*.png")), extra)
+    assert datasource.for_workers(f"imagefolder:{root}", prepare=prepare) == spec
+    assert notes and "changed since" in notes[0] and (prepared / "manifest.json").stat().st_mtime_ns != before
+    assert fmt.read_manifest(prepared)["splits"]["train"]["count"] == len(list((root / "train").rglob("*.png"))) == 25
 
 
 def test_infeasible_candidates_are_recorded_and_never_trained(ray_session, home):

@@ -45,7 +45,7 @@ def test_empty_image_folder(home, tmp_path):
     (tmp_path / "data" / "train" / "b").mkdir(parents=True)
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)
     res = _run(["--dataset", f"imagefolder:{tmp_path / 'data'}"])
-    assert res.exit_code == 2 and "has no images" in error_line(res)
+    assert res.exit_code == 2 and "has 0 class folders with images; it needs at least 2" in error_line(res)
     res = _run(["--dataset", f"imagefolder:{tmp_path}"])
     assert res.exit_code == 2 and "is missing" in error_line(res)
 
@@ -119,4 +119,18 @@ def test_an_empty_grid_is_a_clear_error_before_anything_is_recorded(home):
     res = CliRunner().invoke(main, ["search", "--gpus", "0", "--space", "grid", "--grid-step", "0.5",
                                     "--tolerance", "0.01", "--flops-tolerance", "0.001", "--no-paper-point"])
     assert res.exit_code == 2 and "finer --grid-step" in error_line(res)
+    no_search_recorded(home)
+
+
+def test_an_unreadable_image_in_a_folder_is_one_line_before_anything_starts(home, tmp_path):
+    """An image folder is prepared before a search starts (implicitly): a file that is not an
+    image stops it with the file named and how to skip such files; nothing is recorded."""
+    from tests.test_search_e2e import _write_images
+
+    _write_images(tmp_path / "data", n_train=3, n_val=2)
+    (tmp_path / "data" / "train" / "red" / "notes.jpg").write_text("not a picture")
+    res = _run(["--dataset", f"imagefolder:{tmp_path / 'data'}"])
+    line = error_line(res)
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "notes.jpg" in line and "orch data prepare imagefolder:" in line and "--skip-bad" in line, line
     no_search_recorded(home)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli.options import json_option
+from orchestrator.cli.options import json_option, prepare_with_progress
 from orchestrator.cli.views import echo_json, stderr_console
 
 
@@ -43,8 +43,6 @@ def prepare(source, dest, short_side, shard_mb, workers, skip_bad, image_column,
     """
     from pathlib import Path
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from orchestrator import prepare as prep
 
     err = stderr_console()
@@ -52,18 +50,8 @@ def prepare(source, dest, short_side, shard_mb, workers, skip_bad, image_column,
         src = prep.open_source(source, image_column=image_column, label_column=label_column)
     err.print(f"{source}: {len(src.classes)} classes, {src.counts['train']} train and {src.counts['val']} val images",
               highlight=False)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=False) as progress:
-        tasks = {}
-
-        def on_progress(split, done, total):
-            if split not in tasks:
-                tasks[split] = progress.add_task(f"{split:5}", total=total)
-            progress.update(tasks[split], completed=done)
-
-        out = prep.prepare(src, Path(dest).expanduser(), short_side=short_side or prep.SHORT_SIDE,
-                           shard_mb=shard_mb or prep.SHARD_MB, workers=workers, skip_bad=skip_bad,
-                           on_progress=on_progress, on_note=lambda line: progress.console.print(line, highlight=False))
+    out = prepare_with_progress(src, Path(dest).expanduser(), err, short_side=short_side or prep.SHORT_SIDE,
+                                shard_mb=shard_mb or prep.SHARD_MB, workers=workers, skip_bad=skip_bad)
     m = out.manifest
     size = sum(s["bytes"] for sp in m["splits"].values() for s in sp["shards"])
     if as_json:

@@ -112,6 +112,44 @@ def check_model_name(ctx, param, value):
     return value
 
 
+def prepare_with_progress(source, dest, err, **kw):
+    """``orchestrator.prepare.prepare`` with a progress bar per split and its notes on ``err``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from orchestrator import prepare as prep
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as progress:
+        tasks = {}
+
+        def on_progress(split, done, total):
+            if split not in tasks:
+                tasks[split] = progress.add_task(f"{split:5}", total=total)
+            progress.update(tasks[split], completed=done)
+
+        return prep.prepare(source, dest, on_progress=on_progress,
+                            on_note=lambda line: progress.console.print(line, highlight=False), **kw)
+
+
+def prepare_dataset(dataset: str, err) -> None:
+    """An image folder's implicit preparation (``datasource.for_workers``), shown on ``err``;
+    nothing for other datasets."""
+    from orchestrator import datasource
+
+    if not dataset.startswith("imagefolder:"):
+        return
+
+    def prepare(source, dest):
+        err.print(f"{dataset}: preparing it for training (once; kept in {dest}; see `orch data prepare`)",
+                  highlight=False)
+        out = prepare_with_progress(source, dest, err)
+        if out.already:
+            err.print("  prepared before and unchanged since: nothing to do", highlight=False)
+        return out
+
+    datasource.for_workers(dataset, prepare=prepare)
+
+
 def num_classes_of(dataset: str) -> int:
     from orchestrator.datasource import num_classes
 

@@ -7,7 +7,7 @@ import click
 from orchestrator import scaling
 from orchestrator.cli.options import (
     CheckedCommand, PhiList, baseline_option, check_dataset, check_id, check_model_name, check_network, compile_option,
-    not_above, one_of, open_store, open_tracker, run_options, writable,
+    not_above, one_of, open_store, open_tracker, prepare_dataset, run_options, writable,
 )
 from orchestrator.cli.views import (
     ScaleProgress, connect_and_grow, echo_json, print_dry_run, print_registered, print_scale_outcome,
@@ -86,6 +86,7 @@ def train_jobs(runner, plan, todo, *, err, address, wait_s, storage, home, opts)
 
     info = resources = storage_path = None
     if todo:
+        prepare_dataset(opts.dataset, err)
         info, resources, storage_path = _connect_for_jobs(err, address, wait_s, opts, storage, home)
     try:
         err.print(f"{len(plan) - len(todo)} of {len(plan)} models finished earlier; training "

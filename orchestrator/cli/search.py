@@ -9,7 +9,7 @@ import click
 from orchestrator import scaling
 from orchestrator.cli.options import (
     CheckedCommand, alone_with, baseline_option, check_dataset, check_id, check_network, compile_option, not_above,
-    num_classes_of, only_with, open_store, open_tracker, run_options, writable,
+    num_classes_of, only_with, open_store, open_tracker, prepare_dataset, run_options, writable,
 )
 from orchestrator.cli.views import (
     SearchProgress, connect_and_grow, echo_json, print_search_outcome, results_only_stdout, stderr_console, stdout_console,
@@ -141,6 +141,7 @@ def _run(opts, search_id, store, tracker, home, address, wait_s, storage, as_jso
     err = stderr_console()
     h = home_mod.home_dir(home)
     writable(h)
+    prepare_dataset(opts.dataset, err)  # an image folder: before a cluster is started or joined
     info = connect_and_grow(err, address, h, opts.gpus, wait_s)
     try:
         cluster_mod.plan_resources(info, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial,
