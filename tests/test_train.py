@@ -115,3 +115,24 @@ def test_the_weight_average_follows_the_num_updates_rule():
     ema.update()
     again.update()
     assert torch.equal(again.module[0].weight, ema.module[0].weight) and int(again.averaged.n_averaged) == 3
+
+
+def test_random_resized_crops_on_the_device_are_one_batched_resampling():
+    """workers.data.gpu_resized_crop: identity at full area, mirrors at p=1/2, crops of the drawn
+    area, the same draws for the same generator seed."""
+    import torch
+
+    x = torch.rand(64, 3, 16, 20)
+    same = data.gpu_resized_crop(x, flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert same.shape == x.shape and torch.allclose(same, x, atol=1e-5)
+    flipped = data.gpu_resized_crop(x, flip=True, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                                    generator=torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.allclose(f, r.flip(2), atol=1e-5) for f, r in zip(flipped, x)])
+    kept = torch.tensor([torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, x)])
+    assert bool((mirrored ^ kept).all()) and 10 < int(mirrored.sum()) < 54
+    ramp = torch.arange(20.0).expand(8, 3, 16, 20).contiguous()  # pixel value = its column
+    quarter = data.gpu_resized_crop(ramp, flip=False, scale=(0.25, 0.25), ratio=(1.0, 1.0))
+    spans = quarter[:, 0].amax(dim=(1, 2)) - quarter[:, 0].amin(dim=(1, 2))
+    assert torch.allclose(spans, torch.full((8,), 9.5), atol=0.6)  # half the width, resampled to all of it
+    a, b = (data.gpu_resized_crop(x, flip=True, generator=torch.Generator().manual_seed(3)) for _ in range(2))
+    assert torch.equal(a, b) and not torch.allclose(a, x)

@@ -3,8 +3,9 @@
 
 Every one ends up as uint8 tensors (N, 3, H, W) plus int64 labels: node-local tiers
 (``workers/tiers.py``), built once per node and resolution and memory-mapped by every trial
-there. The loop gathers batches from them and augments on the device (random crop with
-reflection padding and horizontal flip), so it never waits for a data loader. Torch, numpy and
+there. The loop gathers batches from them and augments on the device (real images: a
+random-resized crop and flip as one batched resampling; the synthetic task: a random shift within
+a reflection padding), so it never waits for a data loader. Torch, numpy and
 Pillow only.
 
 ``synthetic`` is generated deterministically from a seed, with no download. Each class is a
@@ -53,6 +54,11 @@ class Dataset:
     val: Split
     # Synthetic classes are told apart by texture orientation, which a mirror would change.
     flip: bool = True
+    # Trials' augmentation on the device: 'rrc' (random-resized crop and flip, one batched
+    # resampling: gpu_resized_crop) for real images; 'pad' (shifts within a reflection padding:
+    # gpu_augment) for the synthetic task, whose objects sit anywhere already and whose classes
+    # differ by a spatial frequency a rescaling would move.
+    augment: str = "rrc"
 
 
 def _decode_into(items, resolution: int, images, labels) -> None:
@@ -166,6 +172,7 @@ def make_synthetic(seed: int, *, n_train: int = SYNTHETIC_TRAIN, n_val: int = SY
         _synthetic_split(n_train, num_classes, seed, native),
         _synthetic_split(n_val, num_classes, seed + 1_000_003, native),
         flip=False,
+        augment="pad",
     )
 
 
@@ -187,7 +194,7 @@ def load_synthetic(resolution: int, *, seed: int, synthetic_size: tuple[int, int
     out = {split: _tier_split(f"synthetic-{SYNTHETIC_VERSION}|{seed}|{n_train}|{n_val}|{SYNTHETIC_CLASSES}|"
                               f"{SYNTHETIC_NATIVE}|{split}|{resolution}", n, resolution, fill(split))
            for split, n in (("train", n_train), ("val", n_val))}
-    return Dataset("synthetic", SYNTHETIC_CLASSES, out["train"], out["val"], flip=False)
+    return Dataset("synthetic", SYNTHETIC_CLASSES, out["train"], out["val"], flip=False, augment="pad")
 
 
 def resize_split(split: Split, resolution: int) -> Split:
@@ -242,3 +249,35 @@ def gpu_augment(x: torch.Tensor, *, pad: int, flip: bool, generator: torch.Gener
         return x
     mirrored = torch.rand(n, device=x.device, generator=generator) < 0.5
     return torch.where(mirrored[:, None, None, None], x.flip(3), x)
+
+
+#: Trials' random-resized crops: area fraction and aspect ranges. The tier is already at the
+#: trial's resolution, so a crop is upsampled back to it; the area starts at a quarter (not
+#: torchvision's 8 %, which on a pre-resized image would show a few blurred pixels).
+TRIAL_CROP_SCALE = (0.25, 1.0)
+TRIAL_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def gpu_resized_crop(x: torch.Tensor, *, flip: bool, scale: tuple[float, float] = TRIAL_CROP_SCALE,
+                     ratio: tuple[float, float] = TRIAL_CROP_RATIO, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random-resized crop and (optionally) horizontal flip of a float batch (N, 3, H, W) on its
+    device, as one batched ``grid_sample``: per image an area fraction drawn from ``scale``, an
+    aspect drawn log-uniformly from ``ratio`` (a side that would not fit is clamped to the
+    image), a random position, and a mirror with probability 1/2; bilinear, back to H x W."""
+    n, c, h, w = x.shape
+    dev = x.device
+
+    def uniform() -> torch.Tensor:
+        return torch.rand(n, device=dev, generator=generator)
+
+    area = scale[0] + (scale[1] - scale[0]) * uniform()
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * uniform())
+    cw, ch = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # fractions of W, H
+    cx, cy = (1 - cw) * (2 * uniform() - 1), (1 - ch) * (2 * uniform() - 1)  # centres, in [-1, 1] coordinates
+    mirrored = uniform() < 0.5
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0] = torch.where(mirrored, -cw, cw) if flip else cw
+    theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cx, ch, cy
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.contiguous(memory_format=torch.channels_last)

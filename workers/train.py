@@ -341,8 +341,9 @@ def run(
                         x = _normalize(x)
                     else:
                         idx = perm[s * gbs + rank * bs:s * gbs + (rank + 1) * bs]
-                        x = data_mod.gpu_augment(_normalize(_gather(train_x, idx, device)), pad=pad, flip=ds.flip,
-                                                 generator=aug)
+                        x = _normalize(_gather(train_x, idx, device))
+                        x = (data_mod.gpu_resized_crop(x, flip=ds.flip, generator=aug) if ds.augment == "rrc"
+                             else data_mod.gpu_augment(x, pad=pad, flip=ds.flip, generator=aug))
                         y = train_y[idx]
 
                 def forward_backward():
