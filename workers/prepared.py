@@ -1,4 +1,5 @@
-"""A prepared dataset, as ``orch data prepare`` writes it and trials read it. numpy only.
+"""A prepared dataset, as ``orch data prepare`` writes it and trials read it. numpy only (and
+only to read shards: checking a manifest imports nothing heavy).
 
 A folder holding, per split (``train``, ``val``), shards of encoded images and their indexes, and
 one ``manifest.json`` written last (its presence means the dataset is complete):
@@ -19,8 +20,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import numpy as np
 
 FORMAT = "orch-prepared-images"
 VERSION = 1
@@ -76,6 +75,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
 def iter_split(root: str | os.PathLike, split: str, manifest: dict | None = None, *, verify: bool = False):
     """(jpeg bytes, label, where) of every image of ``split``, shard by shard; ``verify`` checks
     each shard against the manifest's checksum first."""
+    import numpy as np  # here: the CLI reads manifests while parsing arguments, before anything heavy
+
     root = Path(root)
     manifest = manifest or read_manifest(root)
     for shard in manifest["splits"][split]["shards"]:
