@@ -49,6 +49,7 @@ def main() -> None:
         if res.returncode != 0:
             sys.exit(f"search failed ({res.returncode}):\n{res.stderr[-3000:]}")
         out = json.loads(res.stdout)
+        lost = where_time_went(Path(home), out["search_id"])
     s = out["summary"]
     per_trial = s["train_s"] / max(1, s["n_trials"])
     print(f"overhead: {s['n_trials']} trials, {s['concurrency']} at once, {per_trial:.1f} s of training each "
@@ -56,9 +57,35 @@ def main() -> None:
           + (" (quick)" if args.quick else ""))
     print(f"search wall {s['wall_s']:.1f} s (process {total:.1f} s incl. start-up), in training steps "
           f"{s['train_s']:.1f} s")
+    for line in lost:
+        print(line)
     verdict = "meets" if s["efficiency"] >= TARGET else "misses"
     print(f"efficiency = train_s / (concurrency x wall) = {s['efficiency']:.3f}  "
           f"(target >= {TARGET}: {verdict}; stock anchors 0.23 with MLflowLoggerCallback, 0.55 without MLflow)")
+
+
+def where_time_went(home: Path, search_id: str) -> list[str]:
+    """Where the trials' time outside training steps went, from the store: the search's start to
+    the first trial's start, and per trial its wall (start to end as the driver recorded them)
+    split into training steps, evaluation (epoch_s - train_s) and the rest (process start,
+    model build, data mapping, checkpoints, reports)."""
+    sys.path.insert(0, str(ROOT))
+    from orchestrator.store import ResultsStore
+
+    store = ResultsStore(f"sqlite:///{home / 'orch.db'}")
+    rec = store.get_search(search_id)
+    trials = [t for t in store.trials(search_id) if t.started_at and t.ended_at]
+    if not trials:
+        return []
+    first = min(t.started_at for t in trials)
+    wall = sum((t.ended_at - t.started_at).total_seconds() for t in trials)
+    train = sum(h.get("train_s", 0.0) for t in trials for h in t.history)
+    evaluation = sum(h.get("epoch_s", 0.0) - h.get("train_s", 0.0) for t in trials for h in t.history)
+    epochs = sum(len(t.history) for t in trials)
+    return [f"search start to first trial start: {(first - rec.created_at).total_seconds():.1f} s; "
+            f"trials' wall {wall:.1f} s = training steps {train:.1f} + evaluation {evaluation:.1f} "
+            f"({evaluation / max(1, epochs):.2f} s per epoch) + the rest {wall - train - evaluation:.1f} "
+            f"({(wall - train - evaluation) / len(trials):.2f} s per trial: start, build, checkpoints, reports)"]
 
 
 if __name__ == "__main__":
