@@ -155,11 +155,103 @@ def stream_figures(prepared: Path, res: int, workers: int, batch: int = 64) -> l
             f"(loader per process / bare = {loader / workers / bare:.2f})"]
 
 
+def _step(spec: dict, device):
+    """One training step of ``spec`` (SGD, bf16 autocast on CUDA, channels_last), as the loop runs
+    it, on a uint8 batch."""
+    import torch
+    from torch.nn import functional as F
+
+    from workers.model import build_model
+    from workers.train import _normalize
+
+    model = build_model(spec).to(device, memory_format=torch.channels_last)
+    cuda = device.type == "cuda"
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **({"fused": True} if cuda else {}))
+
+    def step(x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False):
+            loss = F.cross_entropy(model(_normalize(x)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _timed(step, batches, steps: int, device) -> float:
+    """images/s of ``steps`` steps fed by the iterator ``batches`` (after 3 warm-up steps)."""
+    import torch
+
+    for _ in range(3):
+        step(*next(batches))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        x, y = next(batches)
+        step(x, y)
+        n += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return n / (time.perf_counter() - t0)
+
+
+def path_figures(prepared: Path, device_name: str, quick: bool) -> list[str]:
+    """The scaled jobs' whole data path (stream: decode, crop, collate, copy, normalise) feeding
+    the training step, against the bare step on one batch already on the device; and on CUDA,
+    nvJPEG's batched decoding alone."""
+    import itertools
+
+    import torch
+
+    from orchestrator.scaling import OFFICIAL, network_spec
+    from workers.stream import Stream, gpu_decoder
+
+    device = torch.device(device_name)
+    rows = [("B0", 32, 8, 4)] if quick else [("B0", 224, 256, 30), ("B4", 380, 64, 30)]
+    lines = []
+    for name, res, batch, steps in rows:
+        width, depth, _, _ = OFFICIAL[name]
+        spec = network_spec(depth, width, res, num_classes=4)
+        step = _step(spec, device)
+        x = torch.randint(0, 255, (batch, 3, res, res), dtype=torch.uint8, device=device)
+        y = torch.randint(0, 4, (batch,), device=device)
+        bare = _timed(step, itertools.repeat((x, y)), steps, device)
+        stream = Stream(prepared, res, batch=min(batch, 32 if quick else batch), device=device)
+        if stream.steps_per_epoch == 0:
+            return [f"data path: too few images for batches of {batch}; pass more --images"]
+
+        def epochs(stream=stream):
+            for e in itertools.count():
+                yield from stream.epoch(e)
+        fed = _timed(step, epochs(), steps, device)
+        stream.close()
+        lines.append(f"{name}@{res} bs{batch} on {device_name}: data path {fed:,.1f} images/s, bare step "
+                     f"{bare:,.1f} -> {fed / bare:.2f} (targets on a GPU: B0@224 >= 0.90, B4@380 >= 0.95); "
+                     f"decoder {stream.decoder}, {stream.workers} loader processes")
+    decode = gpu_decoder() if device.type == "cuda" else None
+    if decode is not None:
+        s = Stream(prepared, 224, batch=256, device=device, workers=0)
+        datas = [torch.frombuffer(bytearray(s.shards.encoded(i)), dtype=torch.uint8) for i in range(len(s.shards))]
+        decode(datas[:64], device)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for i in range(0, len(datas), 256):
+            decode(datas[i:i + 256], device)
+        torch.cuda.synchronize(device)
+        lines.append(f"nvJPEG (torchvision decode_jpeg, batches of 256) on {device_name}: "
+                     f"{len(datas) / (time.perf_counter() - t0):,.0f} images/s (target >= 6,000 on an H100/H200)")
+    elif device.type == "cuda":
+        lines.append("nvJPEG: torchvision's decode_jpeg does not load here; not measured")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="40 images of each kind, 1 process (CI)")
     ap.add_argument("--images", type=int, default=2000, help="images of each kind")
     ap.add_argument("--workers", type=int, default=None, help="encoding processes (default: every CPU)")
+    ap.add_argument("--device", default="cpu", help="where the data path feeds a training step: cpu or cuda "
+                    "(on a GPU: --images 10000 --device cuda measures B0@224 and B4@380 and nvJPEG)")
     args = ap.parse_args()
     n = 40 if args.quick else args.images
     procs = 1 if args.quick else (args.workers or os.cpu_count() or 1)
@@ -185,7 +277,7 @@ def main() -> None:
                          f"{m['reencoded']} re-encoded; prepared {size / 2**20:.1f} MiB = "
                          f"{size / source_bytes:.2f} x the source")
             if kind == "baseline JPEG":
-                stream_lines = stream_figures(dest, 224, procs)
+                stream_lines = stream_figures(dest, 224, procs) + path_figures(dest, args.device, args.quick)
         tier_lines = tiers_figures(2000 if args.quick else 10000, 64 if args.quick else 128, Path(tmp) / "tiers")
     print(f"data prepare ({os.cpu_count()} CPUs here):")
     for line in lines:

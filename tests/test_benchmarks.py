@@ -92,10 +92,12 @@ def test_demo_family_reads_the_makefile(tmp_path):
 def test_data_path_quick():
     lines = _run("data_path.py")
     at = lines.index("tiers:")
-    m = re.search(r"CPU loader, 224 px .*: ([\d,]+) images/s .*bare Pillow .*: ([\d,]+) images/s", lines[at - 1])
-    assert m and all(float(g.replace(",", "")) > 0 for g in m.groups()), lines[at - 1]
-    assert lines[at - 2] == "scaled jobs' stream:"
-    at -= 2
+    m = re.search(r"CPU loader, 224 px .*: ([\d,]+) images/s .*bare Pillow .*: ([\d,]+) images/s", lines[at - 2])
+    assert m and all(float(g.replace(",", "")) > 0 for g in m.groups()), lines[at - 2]
+    m = re.search(r"B0@32 bs8 on cpu: data path ([\d,.]+) images/s, bare step ([\d,.]+) -> (\d+\.\d+)", lines[at - 1])
+    assert m and float(m.group(1).replace(",", "")) > 0 and float(m.group(3)) > 0, lines[at - 1]
+    assert lines[at - 3] == "scaled jobs' stream:"
+    at -= 3
     kinds = [line.split(" images/s")[0].strip().rsplit(None, 1) for line in lines[at - 3:at]]
     assert [k[0] for k in kinds] == ["baseline JPEG", "PNG", "large JPEG"] and all(float(k[1]) > 0 for k in kinds)
     assert "0 re-encoded" in lines[at - 3] and "40 re-encoded" in lines[at - 2]  # kept byte for byte vs converted
