@@ -101,7 +101,7 @@ def test_data_path_quick():
     kinds = [line.split(" images/s")[0].strip().rsplit(None, 1) for line in lines[at - 3:at]]
     assert [k[0] for k in kinds] == ["baseline JPEG", "PNG", "large JPEG"] and all(float(k[1]) > 0 for k in kinds)
     assert "0 re-encoded" in lines[at - 3] and "40 re-encoded" in lines[at - 2]  # kept byte for byte vs converted
-    at += 2
+    at += 3
     assert re.search(r"gather from a 64-px tier .*: [\d,]+ images/s", lines[at + 1])
     m = re.search(r"= (\d+\.\d+) x the file", lines[at + 2])
     assert m and float(m.group(1)) <= 1.1  # one copy between the four processes
