@@ -2,10 +2,11 @@
 
 ``--dataset imagefolder:PATH`` is prepared implicitly (``for_workers``): on the driver, before
 anything trains, into ``ORCH_PREPARED_CACHE`` (default ``~/.cache/orch/prepared``, one folder per
-source folder), with ``orch data prepare``'s rules; a folder prepared before and unchanged since
-(every file's path, size and modification time) is not prepared again, a changed one is noticed
-and prepared again. Trials and jobs then read ``prepared:<that folder>``; the search and scale
-records keep the folder the user named.
+source folder and content), with ``orch data prepare``'s rules; a folder prepared before and
+unchanged since (every file's path, size and modification time) is not prepared again, a
+changed one gets a new preparation. Trials and jobs then read ``prepared:<that folder>``; the
+search and scale records keep the folder the user named. On several nodes that folder must be a
+shared mount (``check_reach``).
 
 ``--dataset prepared:LOCATION`` takes a local folder, a folder on a shared mount, or a URL
 (``s3://bucket/prefix``; any scheme fsspec has a filesystem for, with its package installed:
@@ -113,20 +114,26 @@ def read_manifest(location: str) -> dict:
         manifest = json.loads(raw)
     except ValueError:
         raise DatasetError(f"{location}/{fmt.MANIFEST} is not JSON; upload the folder again") from None
-    if manifest.get("format") != fmt.FORMAT or manifest.get("version") != fmt.VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT or manifest.get("version") != fmt.VERSION:
         raise DatasetError(f"{location}/{fmt.MANIFEST} is not an orch prepared dataset of version {fmt.VERSION}; "
                            f"prepare and upload it again")
     return manifest
 
 
+_SCANS: dict[str, object] = {}
+
+
 def _image_folder(location: str):
-    """prepare's view of an image folder (the one implicit preparation uses); DatasetError."""
+    """prepare's view of an image folder (the one implicit preparation uses), scanned once per
+    process (one command checks, counts and prepares it); DatasetError."""
     from orchestrator.prepare import PrepareError, open_source
 
-    try:
-        return open_source(f"imagefolder:{location}")
-    except PrepareError as e:
-        raise DatasetError(str(e)) from None
+    if location not in _SCANS:
+        try:
+            _SCANS[location] = open_source(f"imagefolder:{location}")
+        except PrepareError as e:
+            raise DatasetError(str(e)) from None
+    return _SCANS[location]
 
 
 def check(spec: str) -> None:
@@ -162,31 +169,54 @@ def prepared_cache() -> Path:
     return cache_folder("ORCH_PREPARED_CACHE", "prepared")
 
 
-_FOR_WORKERS: dict[tuple[str, str], str] = {}
+_FOR_WORKERS: dict[str, str] = {}
 
 
 def for_workers(spec: str, *, prepare=None) -> str:
     """The dataset spec trials and jobs read for ``spec``: an image folder's implicit preparation
-    (made now when it has none, or the folder changed since; ``prepare(source, dest)`` does it,
+    (made now when this content of the folder has none; ``prepare(source, dest)`` does it,
     default ``orchestrator.prepare.prepare``: the CLI passes one with a progress bar), anything
-    else as given. Once per process and folder content."""
+    else as given. Once per process and spec.
+
+    A preparation is named by the folder's path and content (prepare's fingerprint: every file's
+    path, size and modification time), so a changed folder gets a new one and a job still
+    reading the old one is not disturbed; it is made under a lock (two commands preparing the
+    same folder wait for each other, then share it)."""
     kind, location = parse_spec(spec)
     if kind != "imagefolder":
         return spec
-    source = _image_folder(location)
-    key = (spec, source.fingerprint)
-    if key not in _FOR_WORKERS:
+    if spec not in _FOR_WORKERS:
         from orchestrator import prepare as prep
 
-        dest = prepared_cache() / hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:32]
-        try:
-            (prepare or prep.prepare)(source, dest)
-        except prep.PrepareError as e:
-            raise prep.PrepareError(f"{str(e).replace(' or pass --skip-bad', '')}; or prepare it yourself, "
-                                    f"skipping what cannot be read: orch data prepare {spec} DEST --skip-bad, then "
-                                    f"--dataset prepared:DEST", usage=False) from None
-        _FOR_WORKERS[key] = f"prepared:{dest}"
-    return _FOR_WORKERS[key]
+        source = _image_folder(location)
+        name = hashlib.sha256(str(source.path.resolve()).encode()).hexdigest()[:24]
+        dest = prepared_cache() / f"{name}-{source.fingerprint[:16]}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                (prepare or prep.prepare)(source, dest)
+            except prep.PrepareError as e:
+                raise prep.PrepareError(
+                    f"{e}. To train on the rest, prepare it yourself with `orch data prepare {spec} DEST "
+                    f"--skip-bad` and pass --dataset prepared:DEST", usage=False) from None
+        _FOR_WORKERS[spec] = f"prepared:{dest}"
+    return _FOR_WORKERS[spec]
+
+
+def check_reach(spec: str, nodes: int, address: str | None) -> None:
+    """An image folder's implicit preparation lies on this machine: on a cluster of several
+    nodes (or a remote one) every node must reach it, so its folder must be a shared mount."""
+    kind, _ = parse_spec(spec)
+    if kind != "imagefolder" or not (nodes > 1 or (address or "").startswith("ray://")):
+        return
+    cache = prepared_cache()
+    if not needs_copy(str(cache)):
+        where = f"{nodes} nodes" if nodes > 1 else f"a remote cluster ({address})"
+        raise DatasetError(f"this is {where}: {spec} is prepared into {cache} on this machine, which the other "
+                           f"nodes cannot read; point ORCH_PREPARED_CACHE at a folder every node mounts, or run "
+                           f"`orch data prepare {spec} DEST` into one (or upload DEST to S3) and pass "
+                           f"--dataset prepared:DEST")
 
 
 def cache_dir() -> Path:
@@ -226,8 +256,14 @@ def _make_room(cache: Path, keep: Path, need: int, cap: int) -> None:
     if need > cap:
         raise DatasetError(f"the dataset ({need / 1e9:.1f} GB) is larger than this node's shard cache cap "
                            f"({cap / 1e9:.1f} GB); raise ORCH_SHARD_CACHE_GB or point ORCH_SHARD_CACHE at a bigger disk")
-    others = sorted((p for p in cache.iterdir() if p.is_dir() and p != keep),
-                    key=lambda p: (p / ".used").stat().st_mtime if (p / ".used").exists() else 0.0)
+    def last_used(p: Path) -> float:
+        try:
+            return (p / ".used").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    others = sorted((p for p in cache.iterdir() if p.is_dir() and p != keep and not p.name.endswith(".gone")),
+                    key=last_used)
     used = _used_bytes(cache)
     for other in others:
         if used + need <= cap:
@@ -238,7 +274,9 @@ def _make_room(cache: Path, keep: Path, need: int, cap: int) -> None:
             except BlockingIOError:
                 continue  # in use by a trial or job on this node
             size = _used_bytes(other)
-            shutil.rmtree(other, ignore_errors=True)
+            gone = other.with_name(f"{other.name}.gone")
+            os.replace(other, gone)  # first: a copy is whole or absent, never half deleted
+            shutil.rmtree(gone, ignore_errors=True)
             used -= size
     if used + need > cap:
         raise DatasetError(f"this node's shard cache {cache} has no room for {need / 1e9:.1f} GB under its cap "
@@ -256,11 +294,17 @@ def local_copy(location: str, *, log=print) -> Path:
     if (dest / fmt.MANIFEST).exists():
         return dest
     cache.mkdir(parents=True, exist_ok=True)
-    with open(dest.with_suffix(".lock"), "a") as lock:
+    for gone in cache.glob("*.gone"):  # an eviction killed half way
+        shutil.rmtree(gone, ignore_errors=True)
+    # Copying takes its own lock: the use lock (in_use's shared one) would let a rank that has
+    # its copy block another rank of the same job still waiting to copy.
+    with open(dest.with_suffix(".copy-lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (dest / fmt.MANIFEST).exists():  # another process copied it while this one waited
             return dest
         dest.mkdir(exist_ok=True)
+        for stale in dest.glob("*.tmp*"):  # a killed copy's partial files (we hold the copy lock)
+            stale.unlink(missing_ok=True)
         (dest / ".used").touch()
         files = _files(manifest)
         missing = [(f, sha) for f, sha in files if not (dest / f).exists()]
@@ -294,8 +338,13 @@ def local_copy(location: str, *, log=print) -> Path:
             if len(missing) > 10 and (k + 1) % max(1, len(missing) // 10) == 0:
                 log(f"orch: {k + 1}/{len(missing)} files copied ({time.perf_counter() - t0:.0f} s)")
         tmp = dest / f"{fmt.MANIFEST}.tmp"
-        tmp.write_bytes(raw)
-        os.replace(tmp, dest / fmt.MANIFEST)  # last: its presence means the copy is whole
+        try:
+            tmp.write_bytes(raw)
+            os.replace(tmp, dest / fmt.MANIFEST)  # last: its presence means the copy is whole
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise DatasetError(f"writing {dest / fmt.MANIFEST} failed ({e.strerror or e}); free space there or point "
+                               f"ORCH_SHARD_CACHE at a local disk with room") from None
     return dest
 
 
@@ -310,7 +359,7 @@ def in_use(spec: str, *, log=print):
     dest = local_copy(location, log=log)
     with open(dest.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)
-        if not (dest / fmt.MANIFEST).exists():  # deleted to make room between the copy and the lock
+        while not (dest / fmt.MANIFEST).exists():  # evicted for room between the copy and the lock
             fcntl.flock(lock, fcntl.LOCK_UN)
             dest = local_copy(location, log=log)
             fcntl.flock(lock, fcntl.LOCK_SH)

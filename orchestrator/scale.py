@@ -466,7 +466,7 @@ class ScaleRun:
         # the synthetic task has no encoded shards and reads its tier like a trial.
         return defaults.Training(o.dataset, o.epochs, m.row["batch_size"], m.row["lr"], m.row.get("seed", o.seed), o.seed,
                                  o.synthetic_size, o.compile).config() | {
-            "spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY, "dataset": datasource.for_workers(o.dataset),
+            "spec": m.row["spec"], "ema_decay": defaults.EMA_DECAY, "dataset": datasource.for_workers(o.dataset),  # once per process
             "stream": o.dataset.startswith(("prepared:", "imagefolder:"))}  # an image folder is prepared first
 
     def _start(self, m: ModelState) -> None:

@@ -215,3 +215,32 @@ def test_a_search_and_a_scale_read_an_s3_dataset(s3, uploaded, home, tmp_path):
     assert scaled["status"] == "finished"
     (run,) = store.scale_runs(scaled["scale_id"])
     assert run.val_top1 is not None and "data_wait_s" in run.history[-1]
+
+
+def test_copying_is_not_held_up_by_a_copy_in_use(s3, uploaded, shard_cache):
+    """A rank still copying must not wait for a rank already training on the copy (the use lock
+    is shared and held for a whole run; copying takes a lock of its own)."""
+    import threading
+
+    url, _ = uploaded[0]
+    with datasource.in_use(f"prepared:{url}") as spec:
+        copy = Path(spec.removeprefix("prepared:"))
+        (copy / fmt.MANIFEST).unlink()  # as if this node's copy were still being made
+        done = []
+        t = threading.Thread(target=lambda: done.append(datasource.local_copy(url, log=lambda line: None)), daemon=True)
+        t.start()
+        t.join(timeout=60)
+        assert done == [copy] and (copy / fmt.MANIFEST).exists()
+
+
+def test_an_image_folder_on_several_nodes_needs_a_shared_preparation(monkeypatch, tmp_path):
+    monkeypatch.setenv("ORCH_PREPARED_CACHE", str(tmp_path / "prepared"))
+    datasource.check_reach("imagefolder:/data/pets", 1, None)  # one machine: fine
+    datasource.check_reach("prepared:/data/pets-prepared", 4, "10.0.0.1:6379")  # not prepared here
+    with pytest.raises(DatasetError, match=r"this is 3 nodes: imagefolder:/data/pets is prepared into .* on this "
+                                           r"machine, .* ORCH_PREPARED_CACHE .*orch data prepare"):
+        datasource.check_reach("imagefolder:/data/pets", 3, "10.0.0.1:6379")
+    with pytest.raises(DatasetError, match=r"a remote cluster \(ray://head:10001\)"):
+        datasource.check_reach("imagefolder:/data/pets", 1, "ray://head:10001")
+    monkeypatch.setattr(datasource, "_mount_type", lambda path: "nfs4")  # a shared mount (no NFS server here)
+    datasource.check_reach("imagefolder:/data/pets", 3, "10.0.0.1:6379")

@@ -170,19 +170,21 @@ def test_imagefolder_end_to_end(ray_session, home, tmp_path):
     prepared = Path(spec.removeprefix("prepared:"))
     assert prepared.parent == datasource.prepared_cache() and (prepared / "manifest.json").is_file()
     before = (prepared / "manifest.json").stat().st_mtime_ns
-    notes = []
-
     def prepare(source, dest):
         from orchestrator.prepare import prepare as real
 
-        return real(source, dest, workers=1, on_note=notes.append)
+        return real(source, dest, workers=1)
 
-    assert datasource.for_workers(f"imagefolder:{root}", prepare=prepare) == spec and not notes  # unchanged: as it was
+    datasource._SCANS.clear(), datasource._FOR_WORKERS.clear()  # as a new command sees it
+    assert datasource.for_workers(f"imagefolder:{root}", prepare=prepare) == spec  # unchanged: as it was
+    assert (prepared / "manifest.json").stat().st_mtime_ns == before
     extra = root / "train" / sorted(p.name for p in (root / "train").iterdir())[0] / "added.png"
     shutil.copy(next((root / "train").rglob("*.png")), extra)
-    assert datasource.for_workers(f"imagefolder:{root}", prepare=prepare) == spec
-    assert notes and "changed since" in notes[0] and (prepared / "manifest.json").stat().st_mtime_ns != before
-    assert fmt.read_manifest(prepared)["splits"]["train"]["count"] == len(list((root / "train").rglob("*.png"))) == 25
+    datasource._SCANS.clear(), datasource._FOR_WORKERS.clear()
+    changed = Path(datasource.for_workers(f"imagefolder:{root}", prepare=prepare).removeprefix("prepared:"))
+    assert changed != prepared and changed.parent == prepared.parent  # a new preparation; the old one untouched
+    assert (prepared / "manifest.json").stat().st_mtime_ns == before
+    assert fmt.read_manifest(changed)["splits"]["train"]["count"] == len(list((root / "train").rglob("*.png"))) == 25
 
 
 def test_infeasible_candidates_are_recorded_and_never_trained(ray_session, home):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -140,9 +141,13 @@ def test_a_damaged_shard_is_one_line_naming_it(prepared, tmp_path):
     shutil.copytree(prepared, copy)
     shard = sorted(copy.glob("train-*.jpgs"))[0]
     shard.write_bytes(b"\0" * shard.stat().st_size)
-    s = st.Stream(copy, 24, batch=4, workers=0)
-    with pytest.raises(DatasetError, match=r"cannot decode image .*train-00000\.jpgs#\d+ .*prepare the dataset again"):
-        list(s.epoch(0))
+    for workers in (0, 1):  # read here, and in a loader process (whose error torch wraps in a traceback)
+        s = st.Stream(copy, 24, batch=4, workers=workers)
+        with pytest.raises(DatasetError) as err:
+            list(s.epoch(0))
+        s.close()
+        assert "\n" not in str(err.value) and "Traceback" not in str(err.value), str(err.value)
+        assert re.fullmatch(r"cannot decode image .*train-00000\.jpgs#\d+ .*prepare the dataset again", str(err.value))
 
 
 def _free_port() -> int:

@@ -123,9 +123,10 @@ def test_random_resized_crops_on_the_device_are_one_batched_resampling():
     import torch
 
     x = torch.rand(64, 3, 16, 20)
-    same = data.gpu_resized_crop(x, flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    whole = (20 / 16, 20 / 16)  # the image's own aspect (width / height in pixels)
+    same = data.gpu_resized_crop(x, flip=False, scale=(1.0, 1.0), ratio=whole)
     assert same.shape == x.shape and torch.allclose(same, x, atol=1e-5)
-    flipped = data.gpu_resized_crop(x, flip=True, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+    flipped = data.gpu_resized_crop(x, flip=True, scale=(1.0, 1.0), ratio=whole,
                                     generator=torch.Generator().manual_seed(0))
     mirrored = torch.tensor([torch.allclose(f, r.flip(2), atol=1e-5) for f, r in zip(flipped, x)])
     kept = torch.tensor([torch.allclose(f, r, atol=1e-5) for f, r in zip(flipped, x)])
@@ -133,6 +134,7 @@ def test_random_resized_crops_on_the_device_are_one_batched_resampling():
     ramp = torch.arange(20.0).expand(8, 3, 16, 20).contiguous()  # pixel value = its column
     quarter = data.gpu_resized_crop(ramp, flip=False, scale=(0.25, 0.25), ratio=(1.0, 1.0))
     spans = quarter[:, 0].amax(dim=(1, 2)) - quarter[:, 0].amin(dim=(1, 2))
-    assert torch.allclose(spans, torch.full((8,), 9.5), atol=0.6)  # half the width, resampled to all of it
+    side = (0.25 * 16 * 20) ** 0.5  # a square of a quarter of the area: 8.9 px on each side
+    assert torch.allclose(spans, torch.full((8,), side * 19 / 20), atol=0.6), spans  # resampled onto 20 columns
     a, b = (data.gpu_resized_crop(x, flip=True, generator=torch.Generator().manual_seed(3)) for _ in range(2))
     assert torch.equal(a, b) and not torch.allclose(a, x)

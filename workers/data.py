@@ -272,6 +272,7 @@ def gpu_resized_crop(x: torch.Tensor, *, flip: bool, scale: tuple[float, float] 
 
     area = scale[0] + (scale[1] - scale[0]) * uniform()
     aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * uniform())
+    aspect = aspect * (h / w)  # width/height in pixels -> in fractions of W and H
     cw, ch = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)  # fractions of W, H
     cx, cy = (1 - cw) * (2 * uniform() - 1), (1 - ch) * (2 * uniform() - 1)  # centres, in [-1, 1] coordinates
     mirrored = uniform() < 0.5

@@ -52,6 +52,8 @@ DECODERS = ("auto", "cpu", "gpu")
 #: Set to a folder to have every rank write the indices it trained on per epoch there
 #: (``rank<r>-epoch<e>.npy``): a check that ranks read disjoint parts (tests use it).
 SAMPLE_LOG = "ORCH_SAMPLE_LOG"
+#: Shard maps a process keeps open (each holds a file descriptor).
+MAPS = 64
 
 
 class Shards:
@@ -68,7 +70,7 @@ class Shards:
         self.index = (np.concatenate(indexes) if indexes else np.zeros((0, fmt.INDEX_COLUMNS), np.int64))
         self.shard = np.concatenate([np.full(len(x), k, np.int32) for k, x in enumerate(indexes)]) if indexes \
             else np.zeros(0, np.int32)
-        self._maps: dict[int, np.memmap] = {}
+        self._maps: dict[int, np.memmap] = {}  # open shard maps, most recently used last (at most MAPS)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -83,12 +85,20 @@ class Shards:
     def size(self, i: int) -> tuple[int, int]:
         return int(self.index[i, fmt.WIDTH]), int(self.index[i, fmt.HEIGHT])
 
-    def encoded(self, i: int) -> memoryview:
+    def encoded(self, i: int) -> bytes:
         k = int(self.shard[i])
-        if k not in self._maps:
-            self._maps[k] = np.memmap(self.root / self.files[k], dtype=np.uint8, mode="r")
+        mm = self._maps.pop(k, None)
+        if mm is None:
+            try:
+                mm = np.memmap(self.root / self.files[k], dtype=np.uint8, mode="r")
+            except OSError as e:
+                raise DatasetError(f"cannot read {self.root / self.files[k]} ({e.strerror or e}); is the prepared "
+                                   f"dataset still there?") from None
+            if len(self._maps) >= MAPS:  # each map holds a file descriptor: keep a bounded set
+                self._maps.pop(next(iter(self._maps)))
+        self._maps[k] = mm
         off, n = int(self.index[i, fmt.OFFSET]), int(self.index[i, fmt.LENGTH])
-        return memoryview(self._maps[k][off:off + n])
+        return mm[off:off + n].tobytes()
 
     def where(self, i: int) -> str:
         k = int(self.shard[i])
@@ -119,7 +129,7 @@ def crop_box(width: int, height: int, rng: np.random.Generator,
 
 def draws(seed: int, epoch: int, i: int, width: int, height: int, flip: bool) -> tuple[tuple[int, int, int, int], bool]:
     """Image ``i``'s crop box and flip in ``epoch``: a function of (seed, epoch, i) only."""
-    rng = np.random.default_rng((seed, epoch, i))
+    rng = np.random.default_rng((seed % 2**63, epoch, i))  # any int seed (numpy's take no negatives)
     box = crop_box(width, height, rng)
     return box, bool(flip and rng.random() < 0.5)
 
@@ -159,20 +169,29 @@ class _Crops(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.shards)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, int, int]:
         epoch, i = item
         box, flip = draws(self.seed, epoch, i, *self.shards.size(i), self.flip)
+        data = self.shards.encoded(i)
         try:
-            image = decode_crop(self.shards.encoded(i), box, self.resolution, flip)
+            image = decode_crop(data, box, self.resolution, flip)
         except (OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"cannot decode image {self.shards.where(i)} ({e}); the shard is damaged: "
                                f"prepare the dataset again") from None
-        return image, int(self.shards.labels[i])
+        return image, int(self.shards.labels[i]), i
 
 
-def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.from_numpy(np.stack([image for image, _ in items])),
-            torch.tensor([label for _, label in items], dtype=torch.int64))
+def _collate(items: list[tuple[np.ndarray, int, int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    return (torch.from_numpy(np.stack([image for image, _, _ in items])),
+            torch.tensor([label for _, label, _ in items], dtype=torch.int64), [i for _, _, i in items])
+
+
+def _one_line(e: DatasetError) -> DatasetError:
+    """A DatasetError raised in a loader process reaches this one wrapped by torch ('Caught
+    DatasetError in DataLoader worker process 0.' and the worker's traceback): its own line again."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if lines else str(e)
+    return DatasetError(last.split("DatasetError: ", 1)[-1])
 
 
 class _Order(torch.utils.data.Sampler):
@@ -238,6 +257,7 @@ class Stream:
         self.waited = 0.0  # seconds the consumer waited for batches (all epochs)
         self._loader = None
         self._log = os.environ.get(SAMPLE_LOG)
+        self._steps, self._probe_start, self._probe_wait = 0, 0.0, 0.0
 
     def batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(len(self.shards), self.batch, self.rank, self.world, self.seed, epoch)
@@ -247,51 +267,67 @@ class Stream:
             self._loader = torch.utils.data.DataLoader(
                 _Crops(self.shards, self.resolution, self.seed, self.flip), batch_sampler=_Order(self),
                 num_workers=self.workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
-                persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers > 0 else None)
+                persistent_workers=self.workers > 0, prefetch_factor=2 if self.workers > 0 else None)
         return self._loader
 
-    def _gpu_batch(self, epoch: int, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gpu_batch(self, epoch: int, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         boxes, flips = zip(*(draws(self.seed, epoch, i, *self.shards.size(i), self.flip) for i in idx))
         datas = [torch.frombuffer(bytearray(self.shards.encoded(i)), dtype=torch.uint8) for i in idx]
-        images = self._gpu_decode(datas, self.device)
+        try:
+            images = self._gpu_decode(datas, self.device)
+        except RuntimeError as e:
+            raise DatasetError(f"GPU decoding of images {self.shards.where(idx[0])}… failed "
+                               f"({str(e).splitlines()[0]}); run with decoder 'cpu'") from None
         labels = torch.from_numpy(self.shards.labels[idx].copy())
-        return crops_on_device(images, boxes, flips, self.resolution), labels
+        return crops_on_device(images, boxes, flips, self.resolution), labels, idx
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 images (B, 3, R, R), int64 labels) on the device, ``steps_per_epoch`` of them."""
         self.epoch_now = epoch
-        if self._log:
-            Path(self._log).mkdir(parents=True, exist_ok=True)
-            np.save(Path(self._log) / f"rank{self.rank}-epoch{epoch}.npy",
-                    np.array(self.batches(epoch), dtype=np.int64).reshape(-1))
         order = self.batches(epoch)
         cpu = iter(self._cpu_loader()) if self.decoder != "gpu" else None
-        probe_start, probe_wait = None, 0.0
+        delivered: list[int] = []
         for s, idx in enumerate(order):
             t0 = time.perf_counter()
-            if cpu is not None:
-                x, y = next(cpu)
-            else:
-                x, y = self._gpu_batch(epoch, idx)
+            try:
+                x, y, got = next(cpu) if cpu is not None else self._gpu_batch(epoch, idx)
+            except DatasetError as e:
+                raise _one_line(e) from None
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             waited = time.perf_counter() - t0
             self.waited += waited
-            if cpu is not None and self.decoder == "auto":
-                if s == PROBE_SKIP:
-                    probe_start = t0
-                elif s > PROBE_SKIP:
-                    probe_wait += waited
-                    if s == PROBE_SKIP + PROBE_STEPS:
-                        self.decoder = self.choose(probe_wait, time.perf_counter() - probe_start)
-                        if self.decoder == "gpu":
-                            cpu = None  # the rest of this epoch: same order, same crops, on the GPU
-                            self._close_loader()
+            delivered += got
+            if cpu is not None and self.decoder == "auto" and self._probe(t0, waited):
+                cpu = None  # the rest of this epoch: same order, same crops, on the GPU
+                self._close_loader()
+            if self._log and s == len(order) - 1:  # what the loader delivered, in order (tests check ranks' parts)
+                Path(self._log).mkdir(parents=True, exist_ok=True)
+                np.save(Path(self._log) / f"rank{self.rank}-epoch{epoch}.npy", np.array(delivered, dtype=np.int64))
             yield x, y
 
+    def _probe(self, t0: float, waited: float) -> bool:
+        """decoder 'auto': count steps across epochs; after PROBE_SKIP + PROBE_STEPS, decide once.
+        True when the job switches to the GPU decoder now."""
+        self._steps += 1
+        if self._steps == PROBE_SKIP + 1:
+            self._probe_start, self._probe_wait = t0, 0.0
+        elif self._steps > PROBE_SKIP + 1:
+            self._probe_wait += waited
+            if self._steps == PROBE_SKIP + 1 + PROBE_STEPS:
+                self.decoder = self.choose(self._probe_wait, time.perf_counter() - self._probe_start)
+                return self.decoder == "gpu"
+        return False
+
     def choose(self, waited: float, elapsed: float) -> str:
-        """'gpu' when the probe waited for data more than WAIT_SHARE of its time and nvJPEG is
-        there, else 'cpu' (for the rest of the job)."""
-        return "gpu" if self._gpu_decode is not None and waited > WAIT_SHARE * elapsed else "cpu"
+        """'gpu' when the probe waited for data more than WAIT_SHARE of its time and nvJPEG
+        decodes one of the images here, else 'cpu' (for the rest of the job)."""
+        if self._gpu_decode is None or waited <= WAIT_SHARE * elapsed:
+            return "cpu"
+        try:
+            self._gpu_decode([torch.frombuffer(bytearray(self.shards.encoded(0)), dtype=torch.uint8)], self.device)
+        except Exception:  # a driver or library that cannot decode here: stay on the CPU
+            return "cpu"
+        return "gpu"
 
     def _close_loader(self) -> None:
         if self._loader is not None and self._loader._iterator is not None:

@@ -30,6 +30,7 @@ class OrchGroup(click.Group):
     """The root group: runs a command and turns the project's errors into click's."""
 
     def invoke(self, ctx):
+        from workers.datasets import DatasetError
         from workers.defaults import BaselineError
 
         try:
@@ -38,6 +39,8 @@ class OrchGroup(click.Group):
             raise as_click_error(e) from None
         except BaselineError as e:  # a user's network that fails at a multiplier no check tried
             raise click.BadParameter(str(e), param_hint="--baseline") from None
+        except DatasetError as e:  # found once the command runs (the cluster it reached, a source file)
+            raise click.BadParameter(str(e), param_hint="--dataset") from None
 
 
 @click.group(cls=OrchGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

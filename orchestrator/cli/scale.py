@@ -205,15 +205,18 @@ def _connect_for_jobs(err, address, wait_s, opts, storage, home):
     """Ray (grown to the budget where it can) and the jobs' resources, or an error before
     anything is launched."""
     from orchestrator import cluster as cluster_mod
+    from orchestrator import datasource
     from orchestrator.home import ray_storage
+    from workers.datasets import DatasetError
 
     info = connect_and_grow(err, address, home, opts.gpus, wait_s)
     try:
+        datasource.check_reach(opts.dataset, info.nodes, info.address)
         resources = cluster_mod.plan_job_resources(info, gpus=opts.gpus, workers=opts.workers,
                                                    cpus_per_worker=opts.cpus_per_worker,
                                                    gpu_workers_asked=bool(opts.gpus_per_job))
         storage_path = cluster_mod.resolve_storage(info, storage, ray_storage(home))
-    except cluster_mod.ClusterError:
+    except (cluster_mod.ClusterError, DatasetError):
         cluster_mod.shutdown(info)
         raise
     return info, resources, storage_path

@@ -135,6 +135,7 @@ def _resume(search_id, home, db_url, tracking_uri, address, wait_s, storage, as_
 def _run(opts, search_id, store, tracker, home, address, wait_s, storage, as_json, resume=None):
     """Connect to Ray, run (or resume) the search with live progress, print the outcome."""
     from orchestrator import cluster as cluster_mod
+    from orchestrator import datasource
     from orchestrator import home as home_mod
     from orchestrator.search import run_search
 
@@ -144,6 +145,7 @@ def _run(opts, search_id, store, tracker, home, address, wait_s, storage, as_jso
     prepare_dataset(opts.dataset, err)  # an image folder: before a cluster is started or joined
     info = connect_and_grow(err, address, h, opts.gpus, wait_s)
     try:
+        datasource.check_reach(opts.dataset, info.nodes, info.address)
         cluster_mod.plan_resources(info, gpus=opts.gpus, gpus_per_trial=opts.gpus_per_trial,
                                    cpus_per_trial=opts.cpus_per_trial, base_resolution=opts.base_resolution)
         storage_path = cluster_mod.resolve_storage(info, storage, home_mod.ray_storage(h))
