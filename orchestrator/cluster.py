@@ -455,6 +455,16 @@ def _check_reachable(address: str) -> None:
                            f"running? `ray start --head` prints the address to use") from None
 
 
+def beyond_this_machine(nodes: int, address: str | None) -> str | None:
+    """How to name a cluster whose trials may run off this machine ('3 nodes', 'a remote cluster
+    (ray://…)'), or None for this machine alone: what lies only here is out of their reach."""
+    if nodes > 1:
+        return f"{nodes} nodes"
+    if (address or "").startswith("ray://"):
+        return f"a remote cluster ({address})"
+    return None
+
+
 def resolve_storage(info: ClusterInfo, storage: str | None, default: "os.PathLike") -> str:
     """Where Tune/Train write checkpoints: ``storage`` (a path every node mounts, or a URI such
     as ``s3://bucket/prefix``), or the state folder, which only a one-machine cluster can use."""
@@ -464,8 +474,8 @@ def resolve_storage(info: ClusterInfo, storage: str | None, default: "os.PathLik
         path = Path(storage).expanduser().resolve()
         _check_writable(path)
         return str(path)
-    if info.nodes > 1 or (info.address or "").startswith("ray://"):
-        where = f"{info.nodes} nodes" if info.nodes > 1 else f"a remote cluster ({info.address})"
+    where = beyond_this_machine(info.nodes, info.address)
+    if where is not None:
         raise ClusterError(
             f"this is {where}: trials elsewhere cannot write checkpoints to {default} on this machine; "
             f"pass --storage with a path every node mounts (NFS) or a bucket URI (s3://bucket/orch)"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -92,8 +91,10 @@ def needs_copy(location: str) -> bool:
 def manifest_bytes(location: str) -> bytes:
     """The manifest of the prepared dataset at ``location`` (local or URL), as stored."""
     if not is_url(location):
-        fmt.read_manifest(location)  # its own one-line errors
-        return (Path(location) / fmt.MANIFEST).read_bytes()
+        try:
+            return fmt.manifest_bytes(location)
+        except fmt.PreparedError as e:
+            raise DatasetError(str(e)) from None
     fs, path = _fs(location)
     try:
         return fs.cat_file(f"{path.rstrip('/')}/{fmt.MANIFEST}")
@@ -105,19 +106,17 @@ def manifest_bytes(location: str) -> bytes:
                            f"check the URL and the AWS_* settings (AWS_ENDPOINT_URL for a non-AWS server)") from None
 
 
+def parse_manifest(raw: bytes, location: str) -> dict:
+    """``raw`` (the manifest of ``location``) checked as a local one is; DatasetError."""
+    try:
+        return fmt.parse_manifest(raw, f"{location.rstrip('/')}/{fmt.MANIFEST}")
+    except fmt.PreparedError as e:
+        raise DatasetError(str(e)) from None
+
+
 def read_manifest(location: str) -> dict:
     """The manifest at ``location`` (local or URL), checked like a local one."""
-    raw = manifest_bytes(location)
-    if not is_url(location):
-        return fmt.read_manifest(location)
-    try:
-        manifest = json.loads(raw)
-    except ValueError:
-        raise DatasetError(f"{location}/{fmt.MANIFEST} is not JSON; upload the folder again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != fmt.FORMAT or manifest.get("version") != fmt.VERSION:
-        raise DatasetError(f"{location}/{fmt.MANIFEST} is not an orch prepared dataset of version {fmt.VERSION}; "
-                           f"prepare and upload it again")
-    return manifest
+    return parse_manifest(manifest_bytes(location), location)
 
 
 _SCANS: dict[str, object] = {}
@@ -146,12 +145,12 @@ def check(spec: str) -> None:
     if kind == "imagefolder":
         _image_folder(location)
         return
+    if kind == "prepared":
+        read_manifest(location)
+        return
     from workers.datasets import check as check_local
 
-    try:
-        check_local(spec)
-    except fmt.PreparedError as e:
-        raise DatasetError(str(e)) from None
+    check_local(spec)
 
 
 def num_classes(spec: str) -> int:
@@ -207,12 +206,14 @@ def for_workers(spec: str, *, prepare=None) -> str:
 def check_reach(spec: str, nodes: int, address: str | None) -> None:
     """An image folder's implicit preparation lies on this machine: on a cluster of several
     nodes (or a remote one) every node must reach it, so its folder must be a shared mount."""
+    from orchestrator.cluster import beyond_this_machine
+
     kind, _ = parse_spec(spec)
-    if kind != "imagefolder" or not (nodes > 1 or (address or "").startswith("ray://")):
+    where = beyond_this_machine(nodes, address)
+    if kind != "imagefolder" or where is None:
         return
     cache = prepared_cache()
     if not needs_copy(str(cache)):
-        where = f"{nodes} nodes" if nodes > 1 else f"a remote cluster ({address})"
         raise DatasetError(f"this is {where}: {spec} is prepared into {cache} on this machine, which the other "
                            f"nodes cannot read; point ORCH_PREPARED_CACHE at a folder every node mounts, or run "
                            f"`orch data prepare {spec} DEST` into one (or upload DEST to S3) and pass "
@@ -287,7 +288,7 @@ def local_copy(location: str, *, log=print) -> Path:
     """The node-local copy of the prepared dataset at ``location`` (made now if this node has
     none), checked against the manifest's checksums."""
     raw = manifest_bytes(location)
-    manifest = json.loads(raw)
+    manifest = parse_manifest(raw, location)
     name = hashlib.sha256(raw).hexdigest()[:32]
     cache = cache_dir()
     dest = cache / name

@@ -4,7 +4,6 @@ network mounts: each node's checked copy, its size cap, and a search and a scale
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import socket
@@ -22,13 +21,8 @@ from orchestrator import datasource
 from orchestrator.cli import main
 from orchestrator.prepare import open_source, prepare
 from workers import prepared as fmt
+from tests.conftest import _free_port
 from workers.datasets import DatasetError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

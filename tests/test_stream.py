@@ -8,7 +8,6 @@ import io
 import math
 import os
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 
 from orchestrator.prepare import open_source, prepare
 from workers import stream as st
+from tests.conftest import _free_port
 from workers.datasets import DatasetError
 
 
@@ -148,12 +148,6 @@ def test_a_damaged_shard_is_one_line_naming_it(prepared, tmp_path):
         s.close()
         assert "\n" not in str(err.value) and "Traceback" not in str(err.value), str(err.value)
         assert re.fullmatch(r"cannot decode image .*train-00000\.jpgs#\d+ .*prepare the dataset again", str(err.value))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, root: str, log: str, epochs: int, state_path: str | None, out: str):

@@ -51,9 +51,9 @@ def manifest_digest(root: str | os.PathLike) -> str:
     return hashlib.sha256((Path(root) / MANIFEST).read_bytes()).hexdigest()
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
-    """The manifest of the prepared dataset at ``root``; PreparedError when there is none (a
-    preparation that did not finish) or it is not one orch can read."""
+def manifest_bytes(root: str | os.PathLike) -> bytes:
+    """The stored manifest of the prepared dataset at ``root``; PreparedError when there is none
+    (a preparation that did not finish)."""
     path = Path(root) / MANIFEST
     if not Path(root).is_dir():
         raise PreparedError(f"prepared dataset {str(root)!r} does not exist; make it with `orch data prepare SOURCE {root}`")
@@ -61,15 +61,29 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise PreparedError(f"{str(root)!r} has no {MANIFEST}: its preparation did not finish; "
                             f"run `orch data prepare` into it again")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        return path.read_bytes()
+    except OSError as e:
         raise PreparedError(f"{str(path)!r} is unreadable ({e}); prepare the dataset again") from None
-    if manifest.get("format") != FORMAT:
-        raise PreparedError(f"{str(path)!r} is not an orch prepared dataset")
+
+
+def parse_manifest(raw: bytes, where: str) -> dict:
+    """A stored manifest (read from ``where``) checked to be one orch can read; PreparedError."""
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except ValueError as e:
+        raise PreparedError(f"{where!r} is unreadable ({e}); prepare the dataset again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PreparedError(f"{where!r} is not an orch prepared dataset")
     if manifest.get("version") != VERSION:
-        raise PreparedError(f"{str(path)!r} is format version {manifest.get('version')}, this orch reads "
+        raise PreparedError(f"{where!r} is format version {manifest.get('version')}, this orch reads "
                             f"{VERSION}; prepare the dataset again")
     return manifest
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """The manifest of the prepared dataset at ``root``; PreparedError when there is none (a
+    preparation that did not finish) or it is not one orch can read."""
+    return parse_manifest(manifest_bytes(root), str(Path(root) / MANIFEST))
 
 
 def iter_split(root: str | os.PathLike, split: str, manifest: dict | None = None, *, verify: bool = False):
